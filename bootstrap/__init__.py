@@ -1,0 +1,1 @@
+"""The bootstrap shell (filled in by its own issue)."""

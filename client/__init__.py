@@ -1,0 +1,1 @@
+"""The client shell (filled in by its own issue)."""

@@ -1,0 +1,52 @@
+"""`helix`: the user's command line. Subcommands are plugged in through the `helix_p2p.commands`
+entry-point group (pyproject.toml), so the core never imports the node, client or bootstrap shells:
+each module there exposes `register(subparsers)`, which adds its parser and sets `func`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib.metadata import entry_points
+from typing import Sequence
+
+from helix_p2p.errors import HelixError
+
+EXIT_USAGE = 2  # argparse's own code for bad arguments; we use it for bad input files too
+EXIT_FAILURE = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="helix",
+        description="Serve a large language model over a swarm of mixed GPUs, placed and routed by max-flow.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for ep in sorted(entry_points(group="helix_p2p.commands"), key=lambda e: e.name):
+        ep.load()(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except HelixError as e:
+        print(f"helix {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"helix {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The planner's entry point and the pieces every method shares."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from helix_p2p.cluster import Cluster, NodeId
+from helix_p2p.flow import max_flow
+from helix_p2p.plan import Placement, Plan, PlanError
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A solver's state during a long solve, for progress displays."""
+
+    elapsed_s: float
+    best_tokens_per_s: float
+    bound_tokens_per_s: float | None
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    method: str = "milp"
+    time_limit_s: float = 60.0
+    partial_inference: bool = False
+    seed: int = 0
+    #: called whenever the best flow or the bound improves (long solves)
+    progress: Callable[[Progress], None] | None = field(default=None, compare=False)
+    #: solver threads; None = all cores
+    threads: int | None = None
+
+
+def plan_from_placement(
+    cluster: Cluster,
+    placement: Placement,
+    *,
+    method: str,
+    solve_seconds: float,
+    upper_bound_tokens_per_s: float | None = None,
+    partial_inference: bool = False,
+    details: Mapping[str, object] | None = None,
+) -> Plan:
+    """Score a placement with the exact max flow and wrap it as a Plan."""
+    flow = max_flow(cluster, placement, partial_inference)
+    bound = upper_bound_tokens_per_s
+    if bound is not None:
+        # A proven bound can never be below a flow we can exhibit; float noise from the solver
+        # must not report a negative gap.
+        bound = max(bound, flow.value_tokens_per_s)
+    return Plan(
+        cluster=cluster.name,
+        method=method,
+        placement=dict(placement),
+        flows=flow.flows,
+        objective_tokens_per_s=flow.value_tokens_per_s,
+        upper_bound_tokens_per_s=bound,
+        solve_seconds=solve_seconds,
+        partial_inference=partial_inference,
+        details=dict(details or {}),
+    )
+
+
+def check_can_hold_model(cluster: Cluster) -> None:
+    total = cluster.total_max_layers()
+    if total < cluster.model.num_layers:
+        raise PlanError(
+            f"cluster {cluster.name!r} cannot hold the model: its nodes hold at most {total} layers "
+            f"together (sum of max_layers) but {cluster.model.name!r} has {cluster.model.num_layers}"
+        )
+
+
+def plan(cluster: Cluster, options: PlanOptions | None = None, previous: Plan | None = None) -> Plan:
+    """Choose a placement for `cluster` with `options.method`; see METHODS."""
+    options = options or PlanOptions()
+    method = METHODS.get(options.method)
+    if method is None:
+        raise PlanError(f"unknown planning method {options.method!r}; choose one of {', '.join(METHODS)}")
+    check_can_hold_model(cluster)
+    started = time.monotonic()
+    result = method(cluster, options, previous)
+    if isinstance(result, Plan):
+        return result
+    placement, bound, details = result
+    # Petals routes a request to any server holding the next layer it needs, which is exactly the
+    # partial-inference edge rule; scoring its placement without it would misrepresent Petals.
+    partial = options.partial_inference or options.method == "petals"
+    return plan_from_placement(
+        cluster,
+        placement,
+        method=options.method,
+        solve_seconds=time.monotonic() - started,
+        upper_bound_tokens_per_s=bound,
+        partial_inference=partial,
+        details=details,
+    )
+
+
+def _milp(cluster: Cluster, options: PlanOptions, previous: Plan | None) -> Plan:
+    from helix_p2p.planner.milp import solve_milp
+
+    return solve_milp(cluster, options, previous)
+
+
+def _baseline(name: str) -> Callable[..., tuple[dict[NodeId, tuple[int, int]], None, dict]]:
+    def run(cluster: Cluster, options: PlanOptions, previous: Plan | None):
+        from helix_p2p.planner import baselines
+
+        return getattr(baselines, name)(cluster, seed=options.seed), None, {}
+
+    return run
+
+
+METHODS: dict[str, Callable[[Cluster, PlanOptions, Plan | None], object]] = {
+    "milp": _milp,
+    "petals": _baseline("petals_placement"),
+    "swarm": _baseline("swarm_placement"),
+    "sp": _baseline("separate_pipelines_placement"),
+}

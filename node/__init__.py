@@ -1,0 +1,1 @@
+"""The node shell (filled in by its own issue)."""
