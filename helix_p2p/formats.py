@@ -83,7 +83,10 @@ class _Reader:
     def check_number(self, value: Any, path: str, *, positive: bool = False, non_negative: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(path, f"expected a number, got {_kind(value)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a JSON integer literal with hundreds of digits
+            raise self.fail(path, "is too large for a number") from None
         if not math.isfinite(value):
             raise self.fail(path, f"must be finite, got {value}")
         if positive and value <= 0:
@@ -147,6 +150,10 @@ def _load_json(path: str | Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise FormatError(str(path), "", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except (ValueError, RecursionError) as e:
+        # json raises plain ValueError for integer literals past Python's digit limit and
+        # RecursionError for absurdly nested arrays: still a bad file, not a crash
+        raise FormatError(str(path), "", f"not valid JSON: {e}") from None
 
 
 def _dump_json(doc: Mapping[str, Any], path: str | Path) -> None:
