@@ -157,7 +157,10 @@ def _load_json(path: str | Path) -> Any:
 
 
 def _dump_json(doc: Mapping[str, Any], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    try:
+        Path(path).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:  # e.g. `helix plan --out` into a missing folder: the user's to fix
+        raise FormatError(str(path), "", f"cannot write: {e.strerror or e}") from None
 
 
 def read_cluster(path: str | Path) -> Cluster:
