@@ -15,9 +15,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
+from typing import Any, Literal
 
 from helix_p2p.cluster import Cluster, CoordinatorLink, Link, ModelShape, NodeId, NodeSpec
 from helix_p2p.data import CLUSTERS_DIR, bundled_cluster_names
@@ -114,16 +115,16 @@ def nodes_of(
 #: - "chain": each node to the next one in the listed order (forward only)
 #: - "none": no links at all
 #: - explicit pairs `(src, dst)` at the default speed, or triples `(src, dst, tokens_per_s)`
-LinkSpec = Union[Literal["complete", "chain", "none"], Iterable[Union[tuple[str, str], tuple[str, str, float]]]]
+LinkSpec = Literal["complete", "chain", "none"] | Iterable[tuple[str, str] | tuple[str, str, float]]
 
 #: the default speed of a link between two nodes: a number, or a function of the two nodes that
 #: returns tokens/s (0 or None: no link), e.g. `region_links(intra=1e4, inter=50)`
-LinkSpeed = Union[float, Callable[[NodeSpec, NodeSpec], Union[float, None]]]
+LinkSpeed = float | Callable[[NodeSpec, NodeSpec], float | None]
 
 #: which nodes reach the clients' side: "all", a list of node ids (both directions at the default
 #: speed), or {node_id: (out_tokens_per_s, in_tokens_per_s)} where out is source -> node and in is
 #: node -> sink, 0 meaning no link that way
-CoordinatorSpec = Union[Literal["all"], Iterable[str], Mapping[str, tuple[float, float]]]
+CoordinatorSpec = Literal["all"] | Iterable[str] | Mapping[str, tuple[float, float]]
 
 
 def region_links(intra_tokens_per_s: float, inter_tokens_per_s: float | None) -> LinkSpeed:
@@ -163,7 +164,7 @@ def make_cluster(
     if links == "complete":
         pairs = [(s, d, speed(s, d)) for s in nodes for d in nodes if s.id != d.id]
     elif links == "chain":
-        pairs = [(s, d, speed(s, d)) for s, d in zip(nodes, nodes[1:])]
+        pairs = [(s, d, speed(s, d)) for s, d in itertools.pairwise(nodes)]
     elif links == "none":
         pairs = []
     elif isinstance(links, str):
