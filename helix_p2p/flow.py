@@ -15,11 +15,17 @@ matching layer boundaries), so exactness matters more than speed here."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
 from helix_p2p.cluster import SINK, SOURCE, Cluster, NodeId
+from helix_p2p.errors import HelixError
 from helix_p2p.plan import EdgeFlow, Placement
+
+
+class FlowCheckError(HelixError, ValueError):
+    """Edge flows that are not a feasible flow of their placement (e.g. a corrupted plan file)."""
 
 
 @dataclass(frozen=True)
@@ -213,24 +219,32 @@ def check_flows(
 ) -> float:
     """Verify that `flows` is a feasible flow for `placement`: only enabled edges, each within its
     capacity, conservation at every node, node capacities respected. Returns the flow value
-    (tokens/s leaving the source); raises ValueError naming the first violation."""
+    (tokens/s leaving the source); raises FlowCheckError (a ValueError) naming the first violation."""
     graph = build_flow_graph(cluster, placement, partial_inference)
     capacity = {(e.src, e.dst): e.capacity_tokens_per_s for e in graph.edges}
     inflow: dict[str, float] = {}
     outflow: dict[str, float] = {}
+    seen: set[tuple[str, str]] = set()
     for f in flows:
         cap = capacity.get((f.src, f.dst))
         if cap is None:
-            raise ValueError(f"flow on {f.src} -> {f.dst}, which this placement does not enable")
-        if f.tokens_per_s < 0 or f.tokens_per_s > cap * (1 + rel_tol) + 1e-9:
-            raise ValueError(f"flow {f.tokens_per_s} on {f.src} -> {f.dst} exceeds its capacity {cap}")
+            raise FlowCheckError(f"flow on {f.src} -> {f.dst}, which this placement does not enable")
+        # each edge once: two entries could each fit its capacity while together exceeding it
+        if (f.src, f.dst) in seen:
+            raise FlowCheckError(f"flow on {f.src} -> {f.dst} listed twice")
+        seen.add((f.src, f.dst))
+        # NaN compares false with everything, so it would pass every check below
+        if not math.isfinite(f.tokens_per_s) or f.tokens_per_s < 0:
+            raise FlowCheckError(f"flow {f.tokens_per_s} on {f.src} -> {f.dst} is not a finite number >= 0")
+        if f.tokens_per_s > cap * (1 + rel_tol) + 1e-9:
+            raise FlowCheckError(f"flow {f.tokens_per_s} on {f.src} -> {f.dst} exceeds its capacity {cap}")
         outflow[f.src] = outflow.get(f.src, 0.0) + f.tokens_per_s
         inflow[f.dst] = inflow.get(f.dst, 0.0) + f.tokens_per_s
     for node_id, cap in graph.node_capacity_tokens_per_s.items():
         fin, fout = inflow.get(node_id, 0.0), outflow.get(node_id, 0.0)
         scale = max(1.0, fin, fout)
         if abs(fin - fout) > rel_tol * scale + 1e-9:
-            raise ValueError(f"node {node_id}: {fin} tokens/s in but {fout} out")
+            raise FlowCheckError(f"node {node_id}: {fin} tokens/s in but {fout} out")
         if fin > cap * (1 + rel_tol) + 1e-9:
-            raise ValueError(f"node {node_id}: {fin} tokens/s exceeds its capacity {cap}")
+            raise FlowCheckError(f"node {node_id}: {fin} tokens/s exceeds its capacity {cap}")
     return outflow.get(SOURCE, 0.0)
