@@ -117,12 +117,12 @@ class Cluster:
     def compute_upper_bound_tokens_per_s(self) -> float:
         """A bound no placement beats: every token passes every layer once, so the flow is at most
         the cluster's total layer-throughput divided by the number of layers. Each node contributes
-        its best k * capacity(k)."""
+        its best k * capacity(k) over the k it can hold of this model (k <= num_layers)."""
         total = 0.0
         for node in self.nodes:
             total += max(
                 k * node.capacity_tokens_per_s(k, self.model.activation_bytes)
-                for k in range(1, node.max_layers + 1)
+                for k in range(1, min(node.max_layers, self.model.num_layers) + 1)
             )
         return total / self.model.num_layers
 
