@@ -394,7 +394,7 @@ def test_check_flows_accepts_any_feasible_flow_and_returns_its_value() -> None:
             ),
             "c -> d listed twice",
         ),
-    ],  # fmt: skip
+    ],
 )
 def test_check_flows_rejects(flows: list[EdgeFlow], problem: str) -> None:
     cluster, placement = diamond()
