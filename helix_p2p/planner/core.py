@@ -30,6 +30,8 @@ class PlanOptions:
     progress: Callable[[Progress], None] | None = field(default=None, compare=False)
     #: solver threads; None = all cores
     threads: int | None = None
+    #: MILP backend: "scip", "highs" or "cpsat" (see milp.py and benchmarks/planner.py)
+    backend: str = "scip"
 
 
 def plan_from_placement(

@@ -1,0 +1,107 @@
+"""Interchangeable nodes. Two nodes are interchangeable when they have the same capacity table,
+the same links to the clients' side and the same links to every other node (up to swapping them).
+The MILP works on classes of such nodes, deciding how many of a class hold each layer range rather
+than which one: that removes the symmetry that made Helix's per-node Gurobi model so slow (24 GPUs
+of 3 types have 4! * 8! * 12! equivalent labelings of every placement)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from helix_p2p.cluster import Cluster, NodeId
+
+
+@dataclass(frozen=True)
+class NodeClass:
+    name: str
+    members: tuple[NodeId, ...]
+    #: capacity_tokens_per_s[k - 1]: one member's capacity holding k layers (NIC limit applied)
+    capacity_tokens_per_s: tuple[float, ...]
+    source_tokens_per_s: float
+    sink_tokens_per_s: float
+
+    @property
+    def count(self) -> int:
+        return len(self.members)
+
+    @property
+    def max_layers(self) -> int:
+        return len(self.capacity_tokens_per_s)
+
+
+@dataclass(frozen=True)
+class ClassLink:
+    """The links from members of one class to members of another (or to other members of the same
+    class). `uniform` says every such pair has the same capacity; `free` that every pair is linked
+    with enough capacity never to be a bottleneck: a node pair's flow never exceeds the smaller of
+    the two nodes' capacities, so a link at least that fast cannot bind."""
+
+    min_tokens_per_s: float  # 0 when some pair has no link
+    max_tokens_per_s: float
+    uniform: bool
+    free: bool
+
+
+def node_classes(cluster: Cluster) -> list[NodeClass]:
+    """Partition the nodes into classes by colour refinement: start from each node's own figures,
+    then split classes whose members see different multisets of (class, link in, link out) to the
+    others, until nothing splits."""
+    num_layers = cluster.model.num_layers
+    act = cluster.model.activation_bytes
+    own: dict[NodeId, tuple] = {}
+    for node in cluster.nodes:
+        k_max = min(node.max_layers, num_layers)
+        table = tuple(node.capacity_tokens_per_s(k, act) for k in range(1, k_max + 1))
+        own[node.id] = (table, cluster.source_tokens_per_s(node.id), cluster.sink_tokens_per_s(node.id))
+    ids = [node.id for node in cluster.nodes]
+    out_links: dict[NodeId, dict[NodeId, float]] = {i: {} for i in ids}
+    in_links: dict[NodeId, dict[NodeId, float]] = {i: {} for i in ids}
+    for link in cluster.links:
+        out_links[link.src][link.dst] = link.bytes_per_s
+        in_links[link.dst][link.src] = link.bytes_per_s
+    colour = _relabel({i: own[i] for i in ids})
+    while True:
+        signature = {}
+        for i in ids:
+            seen = []
+            for j in ids:
+                if j != i:
+                    seen.append((colour[j], out_links[i].get(j, 0.0), in_links[i].get(j, 0.0)))
+            signature[i] = (colour[i], tuple(sorted(seen)))
+        refined = _relabel(signature)
+        if len(set(refined.values())) == len(set(colour.values())):
+            break
+        colour = refined
+    members: dict[int, list[NodeId]] = {}
+    for i in ids:
+        members.setdefault(colour[i], []).append(i)
+    classes = []
+    for group in sorted(members.values(), key=lambda g: ids.index(g[0])):
+        table, src, snk = own[group[0]]
+        gpu = cluster.node_by_id[group[0]].gpu
+        classes.append(NodeClass(f"{gpu}#{len(classes)}", tuple(group), table, src, snk))
+    return classes
+
+
+def _relabel(keys: dict[NodeId, object]) -> dict[NodeId, int]:
+    """Replace arbitrary (comparable) keys by small integers, consistently."""
+    order = {key: n for n, key in enumerate(sorted(set(keys.values()), key=repr))}
+    return {node: order[key] for node, key in keys.items()}
+
+
+def class_links(cluster: Cluster, classes: list[NodeClass]) -> dict[tuple[int, int], ClassLink]:
+    """The ClassLink for every ordered pair of classes that has at least one node pair (a class
+    with one member has no pair with itself)."""
+    result = {}
+    for a, ca in enumerate(classes):
+        for b, cb in enumerate(classes):
+            caps = [
+                cluster.link_tokens_per_s(i, j) for i in ca.members for j in cb.members if i != j
+            ]
+            if not caps:
+                continue
+            lo, hi = min(caps), max(caps)
+            # The largest flow a pair can carry is bounded by both nodes' best capacity.
+            pair_limit = min(max(ca.capacity_tokens_per_s), max(cb.capacity_tokens_per_s))
+            result[(a, b)] = ClassLink(lo, hi, uniform=lo == hi, free=lo >= pair_limit)
+    return result
