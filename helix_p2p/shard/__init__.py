@@ -1,0 +1,96 @@
+"""Model shards: layers [start, end) of a Hugging Face causal LM, run exactly as the whole model
+runs them, for many sessions at once (`Shard`), plus what a node needs around them: memory
+accounting from the config, a device profiler, and a tiny-model maker for tests.
+
+    shard = load_shard(ShardSpec("path/to/model", start=0, end=8))
+    shard.open_session("s1", max_length=1024)
+    result = shard.step(StepRequest("s1", token_ids=torch.tensor([1, 2, 3])))
+    result.hidden_states  # [3, hidden], for the shard holding layers [8, ...)
+"""
+
+from helix_p2p.shard.chain import LocalChain
+from helix_p2p.shard.errors import (
+    BadStepError,
+    CheckpointError,
+    DeviceError,
+    KVCapacityError,
+    LayerRangeError,
+    LayersNotHeldError,
+    MissingTensorError,
+    SamplingError,
+    SessionClosedError,
+    SessionError,
+    SessionExistsError,
+    SessionLengthError,
+    ShardError,
+    UnknownSessionError,
+    UnsupportedModelError,
+)
+from helix_p2p.shard.families import FAMILIES
+from helix_p2p.shard.loading import Checkpoint, open_checkpoint
+from helix_p2p.shard.memory import (
+    bytes_per_layer,
+    dtype_bytes,
+    embedding_bytes,
+    head_bytes,
+    kv_bytes_per_token_per_layer,
+    max_layers_for_budget,
+    model_shape,
+    parse_dtype,
+    shard_weight_bytes,
+)
+from helix_p2p.shard.runner import (
+    SessionId,
+    SessionInfo,
+    Shard,
+    ShardSpec,
+    StepRequest,
+    StepResult,
+    load_shard,
+    resolve_device,
+)
+from helix_p2p.shard.sampling import GREEDY, SamplingParams
+from helix_p2p.shard.tiny import TinyModelSpec, make_tiny_model
+
+__all__ = [
+    "FAMILIES",
+    "GREEDY",
+    "BadStepError",
+    "Checkpoint",
+    "CheckpointError",
+    "DeviceError",
+    "KVCapacityError",
+    "LayerRangeError",
+    "LayersNotHeldError",
+    "LocalChain",
+    "MissingTensorError",
+    "SamplingError",
+    "SamplingParams",
+    "SessionClosedError",
+    "SessionError",
+    "SessionExistsError",
+    "SessionId",
+    "SessionInfo",
+    "SessionLengthError",
+    "Shard",
+    "ShardError",
+    "ShardSpec",
+    "StepRequest",
+    "StepResult",
+    "TinyModelSpec",
+    "UnknownSessionError",
+    "UnsupportedModelError",
+    "bytes_per_layer",
+    "dtype_bytes",
+    "embedding_bytes",
+    "head_bytes",
+    "kv_bytes_per_token_per_layer",
+    "load_shard",
+    "make_tiny_model",
+    "max_layers_for_budget",
+    "model_shape",
+    "open_checkpoint",
+    "parse_dtype",
+    "resolve_device",
+    "shard_weight_bytes",
+]
