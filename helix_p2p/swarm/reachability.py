@@ -1,0 +1,120 @@
+"""Is a peer reachable directly, or only through a relay? Only someone else can tell: a peer asks
+another (the bootstrap, or any node) to dial it back. The helper starts a throw-away libp2p peer
+with relays off and tries to connect to the asker's own addresses; success means the asker
+accepts direct connections from there.
+
+The helper dials only addresses that carry the asker's own peer id (it cannot be used to probe
+third parties), at most a few, one check at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+from google.protobuf.wrappers_pb2 import BytesValue
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.multiaddr.exceptions import Error as MultiaddrError
+
+logger = logging.getLogger(__name__)
+
+REACH_PROTOCOL = "/helix/reach/1"
+MAX_ADDRS = 8
+
+
+@dataclass(frozen=True)
+class ReachResult:
+    reachable: bool
+    detail: str
+    #: False when the helper gave no verdict (it did not answer, or does not offer the check)
+    answered: bool = True
+
+
+def direct_addrs(addrs: list[str], peer_id: str) -> list[str]:
+    """The addresses worth dialing back: the peer's own, not through a relay."""
+    kept = []
+    for text in addrs[:MAX_ADDRS]:
+        try:
+            owner = Multiaddr(text)["p2p"]
+        except MultiaddrError as e:
+            logger.debug("skipping a malformed address %r: %s", text, e)
+            continue
+        if owner == peer_id and "p2p-circuit" not in text:
+            kept.append(text)
+    return kept
+
+
+@dataclass
+class ReachServer:
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        self._one_at_a_time = asyncio.Semaphore(1)
+
+    async def register(self, p2p: P2P) -> None:
+        await p2p.add_protobuf_handler(REACH_PROTOCOL, self._check, BytesValue)
+
+    async def _check(self, request: BytesValue, context: P2PContext) -> BytesValue:
+        try:
+            addrs = json.loads(request.value[:16384])
+            if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
+                raise ValueError("expected a list of multiaddrs")
+        except ValueError as e:
+            return _reply(ReachResult(False, f"bad request: {e}"))
+        targets = direct_addrs(addrs, context.remote_id.to_base58())
+        if not targets:
+            return _reply(ReachResult(False, "no direct addresses to dial (only relayed or none)"))
+        async with self._one_at_a_time:
+            return _reply(await dial_back(targets, self.timeout_s))
+
+
+async def dial_back(addrs: list[str], timeout_s: float) -> ReachResult:
+    probe = None
+    try:
+        probe = await asyncio.wait_for(
+            P2P.create(
+                initial_peers=addrs,
+                dht_mode="client",
+                use_relay=False,
+                use_auto_relay=False,
+                auto_nat=False,
+                nat_port_map=False,
+                no_listen=True,
+                host_maddrs=None,
+                startup_timeout=timeout_s,
+            ),
+            timeout_s + 2,
+        )
+        return ReachResult(True, f"dialed {', '.join(addrs)}")
+    except (P2PDaemonError, asyncio.TimeoutError) as e:
+        return ReachResult(False, f"could not dial {', '.join(addrs)}: {e or 'timed out'}")
+    finally:
+        if probe is not None:
+            await probe.shutdown()
+
+
+def _reply(result: ReachResult) -> BytesValue:
+    return BytesValue(value=json.dumps({"reachable": result.reachable, "detail": result.detail}).encode())
+
+
+async def ask_dial_back(p2p: P2P, helper: str, my_addrs: list[str], timeout_s: float = 20.0) -> ReachResult:
+    """Ask `helper` (a peer id) to dial us back at `my_addrs`."""
+    try:
+        reply = await asyncio.wait_for(
+            p2p.call_protobuf_handler(
+                PeerID.from_base58(helper),
+                REACH_PROTOCOL,
+                BytesValue(value=json.dumps(my_addrs).encode()),
+                BytesValue,
+            ),
+            timeout_s,
+        )
+        doc = json.loads(reply.value)
+        return ReachResult(bool(doc["reachable"]), str(doc["detail"]))
+    except (P2PDaemonError, P2PHandlerError, asyncio.TimeoutError, ValueError, KeyError) as e:
+        return ReachResult(
+            False, f"{helper} did not answer the reachability check: {type(e).__name__} {e}", answered=False
+        )
