@@ -19,7 +19,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from helix_p2p.shard.errors import CheckpointError, MissingTensorError, UnsupportedModelError
-from helix_p2p.shard.families import ATTENTION_IMPLEMENTATIONS, check_supported
+from helix_p2p.shard.families import ATTENTION_IMPLEMENTATIONS, FAMILIES, check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +93,16 @@ def open_checkpoint(source: str | Path, *, attn_implementation: str = "sdpa") ->
 
 
 def _read_config(source: str, attn_implementation: str) -> PretrainedConfig:
+    # The family is checked on the raw file first: for a family transformers does not know,
+    # its own error would blame the transformers version.
+    model_type = _raw_model_type(source)
+    if model_type is not None and model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"{source}: model family {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
+        )
     try:
         config = AutoConfig.from_pretrained(source, attn_implementation=attn_implementation)
     except (OSError, ValueError, KeyError) as e:
-        # transformers raises ValueError/KeyError for an unknown model_type, OSError for no file
-        model_type = _raw_model_type(source)
-        if model_type is not None and "model_type" in str(e):
-            raise UnsupportedModelError(f"{source}: model family {model_type!r} is not supported") from e
         raise CheckpointError(f"{source}: cannot read config.json: {e}") from e
     check_supported(config)
     return config
@@ -109,7 +112,7 @@ def _raw_model_type(source: str) -> str | None:
     path = Path(source) / "config.json"
     try:
         return str(json.loads(path.read_text())["model_type"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

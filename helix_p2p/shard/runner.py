@@ -451,7 +451,7 @@ class Shard:
         sid = request.session_id
         ids, hidden = request.token_ids, request.hidden_states
         takes_ids = session.start == 0
-        if takes_ids and hidden is not None:
+        if takes_ids and (hidden is not None or ids is None):
             raise BadStepError(f"session {sid!r} starts at layer 0 here: send token_ids, not hidden_states")
         if not takes_ids and hidden is None:
             raise BadStepError(f"session {sid!r} starts at layer {session.start} here: send hidden_states")

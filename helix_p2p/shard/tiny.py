@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from helix_p2p.shard.errors import ShardError, UnsupportedModelError
 from helix_p2p.shard.families import FAMILIES
@@ -153,9 +154,15 @@ def make_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) 
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config)
     model = model.to(parse_dtype(spec.dtype))
-    if spec.max_shard_size:
-        model.save_pretrained(out, max_shard_size=spec.max_shard_size)
-    else:
-        model.save_pretrained(out)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per tiny checkpoint is noise in tests and demos
+    try:
+        if spec.max_shard_size:
+            model.save_pretrained(out, max_shard_size=spec.max_shard_size)
+        else:
+            model.save_pretrained(out)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out)
     return out
