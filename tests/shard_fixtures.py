@@ -10,6 +10,7 @@ the argmax instead of hiding in a near-uniform softmax."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ FAMILY_SPECS: dict[str, TinyModelSpec] = {
         max_window_layers=2,
         initializer_range=0.1,
         max_shard_size="60KB",
-    ),  # fmt: skip
+    ),
 }
 FAMILIES = tuple(FAMILY_SPECS)
 #: the issue's uneven split: [0, 1), [1, 3), [3, L)
@@ -51,15 +52,15 @@ FP32_TOLERANCE = 1e-5
 hf_logging.disable_progress_bar()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+@pytest.fixture(scope="session", name="tiny_model_dirs")
+def tiny_model_dirs_fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     return {family: make_tiny_model(root / family, spec) for family, spec in FAMILY_SPECS.items()}
 
 
 def uneven_ranges(num_layers: int) -> list[tuple[int, int]]:
     bounds = (0, *SPLIT_POINTS, num_layers)
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def load_chain(path: Path, **spec_kwargs: object) -> LocalChain:

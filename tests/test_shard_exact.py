@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from shard_fixtures import (  # noqa: F401 (tiny_model_dirs is a fixture)
+from shard_fixtures import (  # noqa: F401 (a fixture)
     FAMILIES,
     FAMILY_SPECS,
     FP32_TOLERANCE,
     load_chain,
     prompt,
-    tiny_model_dirs,
+    tiny_model_dirs_fixture,
     whole_model,
 )
 from transformers import DynamicCache

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from shard_fixtures import FAMILY_SPECS, load_chain, prompt, tiny_model_dirs, whole_model  # noqa: F401
+from shard_fixtures import FAMILY_SPECS, load_chain, prompt, tiny_model_dirs_fixture, whole_model  # noqa: F401
 from transformers import GPT2Config
 
 from helix_p2p.shard import (

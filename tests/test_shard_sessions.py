@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shard_fixtures import FAMILY_SPECS, FP32_TOLERANCE, load_chain, prompt, tiny_model_dirs  # noqa: F401
+from shard_fixtures import FAMILY_SPECS, FP32_TOLERANCE, load_chain, prompt, tiny_model_dirs_fixture  # noqa: F401
 
 from helix_p2p.errors import HelixError
 from helix_p2p.shard import (
