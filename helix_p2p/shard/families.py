@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import transformers
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -63,8 +64,18 @@ def family_of(config: PretrainedConfig) -> Family:
     return family
 
 
+#: The decoder layers' calling convention the runner relies on (position_embeddings passed in, a
+#: tensor returned, the cache's `update(k, v, layer_idx)`) is that of transformers 5.
+MIN_TRANSFORMERS_MAJOR = 5
+
+
 def check_supported(config: PretrainedConfig) -> Family:
     """The family of `config`, after refusing settings the shard cannot reproduce exactly."""
+    major = int(transformers.__version__.split(".")[0])
+    if major < MIN_TRANSFORMERS_MAJOR:
+        raise UnsupportedModelError(
+            f"transformers {transformers.__version__} is installed; shards need transformers >= {MIN_TRANSFORMERS_MAJOR}"
+        )
     family = family_of(config)
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{family.model_type}: encoder-decoder configs are not supported")
