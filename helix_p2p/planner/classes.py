@@ -105,3 +105,23 @@ def class_links(cluster: Cluster, classes: list[NodeClass]) -> dict[tuple[int, i
             pair_limit = min(max(ca.capacity_tokens_per_s), max(cb.capacity_tokens_per_s))
             result[(a, b)] = ClassLink(lo, hi, uniform=lo == hi, free=lo >= pair_limit)
     return result
+
+
+def free_blocks(classes: list[NodeClass], links: dict[tuple[int, int], ClassLink]) -> list[list[int]]:
+    """Group classes into blocks inside which every node pair, both ways, is free (e.g. one
+    region of fast links). Flow inside a block needs no link variables; only flow between blocks
+    does. Classes whose pairs are not all free stay alone."""
+
+    def free(a: int, b: int) -> bool:
+        link = links.get((a, b))
+        return link is None and a == b or link is not None and link.free
+
+    blocks: list[list[int]] = []
+    for c in range(len(classes)):
+        for block in blocks:
+            if free(c, c) and all(free(c, other) and free(other, c) for other in block):
+                block.append(c)
+                break
+        else:
+            blocks.append([c])
+    return blocks

@@ -3,6 +3,8 @@ Each candidate is scored by the exact max flow; the best one wins."""
 
 from __future__ import annotations
 
+import math
+
 from helix_p2p.cluster import Cluster, NodeId, NodeSpec
 from helix_p2p.flow import max_flow
 from helix_p2p.plan import Plan
@@ -12,7 +14,7 @@ from helix_p2p.planner.core import PlanOptions
 Placement = dict[NodeId, tuple[int, int]]
 
 
-def pipeline_partitions(cluster: Cluster, max_candidates: int = 64) -> list[Placement]:
+def pipeline_partitions(cluster: Cluster, max_candidates: int = 16) -> list[Placement]:
     """Disjoint pipelines: nodes ordered by per-layer speed are dealt in snake order into m
     groups, each group's layers balanced by `baselines.balanced_pipeline`. One candidate per m.
     A single pipeline over every node is the m = 1 case (it is the optimum of Helix's 10-GPU
@@ -60,7 +62,10 @@ def candidate_placements(cluster: Cluster, options: PlanOptions, previous: Plan 
         baselines.swarm_placement(cluster),
         baselines.separate_pipelines_placement(cluster),
         baselines.petals_placement(cluster, seed=options.seed),
-        *pipeline_partitions(cluster),
+        # Long pipelines suit small clusters; at hundreds of nodes stages win and this is slow.
+        *(pipeline_partitions(cluster) if len(cluster.nodes) <= 64 else []),
+        stage_placement(cluster, list(cluster.nodes)),
+        regional_stage_placement(cluster),
     ]
     if previous is not None:
         kept = {n: r for n, r in previous.placement.items() if n in cluster.node_by_id}
@@ -70,6 +75,88 @@ def candidate_placements(cluster: Cluster, options: PlanOptions, previous: Plan 
 
 def best_heuristic_placement(cluster: Cluster, options: PlanOptions, previous: Plan | None = None) -> Placement:
     return max(
-        candidate_placements(cluster, options, previous),
+        (p for p in candidate_placements(cluster, options, previous) if p),
         key=lambda p: max_flow(cluster, p).value_tokens_per_s,
     )
+
+
+def stage_placement(cluster: Cluster, nodes: list[NodeSpec]) -> Placement:
+    """Stages of replicas for large groups of nodes on free links: the model is cut into stages,
+    each held by a group of identical-length replicas whose capacities add up to a target flow F;
+    F is the largest for which the stages cover every layer (bisection). Each GPU type forms its
+    own stages at the length that covers the most layers per node at F; the nodes left over form
+    mixed stages. With many nodes per type this wastes little, where one long pipeline would be
+    bottlenecked by its slowest node."""
+    num_layers = cluster.model.num_layers
+    act = cluster.model.activation_bytes
+    if sum(min(n.max_layers, num_layers) for n in nodes) < num_layers:
+        return {}
+
+    def cap(node: NodeSpec, k: int) -> float:
+        return node.capacity_tokens_per_s(k, act)
+
+    def stages_for(target: float) -> list[tuple[int, list[NodeSpec]]]:
+        by_type: dict[tuple, list[NodeSpec]] = {}
+        for node in nodes:
+            by_type.setdefault((node.max_layers, node.tokens_per_s), []).append(node)
+        stages: list[tuple[int, list[NodeSpec]]] = []
+        leftover: list[NodeSpec] = []
+        for group in by_type.values():
+            kmax = min(group[0].max_layers, num_layers)
+            best_k, best_layers, best_size = 1, 0, len(group) + 1
+            for k in range(1, kmax + 1):
+                size = math.ceil(target / cap(group[0], k))
+                layers = (len(group) // size) * k
+                if layers > best_layers:
+                    best_k, best_layers, best_size = k, layers, size
+            whole = len(group) // best_size if best_layers else 0
+            for i in range(whole):
+                stages.append((best_k, group[i * best_size : (i + 1) * best_size]))
+            leftover += group[whole * best_size :]
+        leftover.sort(key=lambda n: -cap(n, 1))
+        while leftover:
+            # a mixed stage as long as its weakest member allows while reaching the target
+            members: list[NodeSpec] = []
+            k = min(n.max_layers for n in leftover)
+            while leftover and sum(cap(n, min(k, n.max_layers)) for n in members) < target:
+                members.append(leftover.pop(0))
+            k = min(min(n.max_layers for n in members), num_layers)
+            if sum(cap(n, k) for n in members) < target:
+                break
+            stages.append((k, members))
+        return stages
+
+    def layers_covered(target: float) -> int:
+        return sum(k for k, _ in stages_for(target))
+
+    lo, hi = 0.0, sum(cap(n, 1) for n in nodes)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if layers_covered(mid) >= num_layers:
+            lo = mid
+        else:
+            hi = mid
+    if lo <= 0:
+        return {}
+    placement: Placement = {}
+    start = 0
+    # Longest stages first; the last one is cut to end at the last layer (fewer layers, faster).
+    for k, members in sorted(stages_for(lo), key=lambda s: -s[0]):
+        if start >= num_layers:
+            break
+        end = min(num_layers, start + k)
+        for node in members:
+            placement[node.id] = (start, end)
+        start = end
+    return placement
+
+
+def regional_stage_placement(cluster: Cluster) -> Placement:
+    """stage_placement inside each region (regions are usually the blocks of fast links)."""
+    regions: dict[str, list[NodeSpec]] = {}
+    for node in cluster.nodes:
+        regions.setdefault(node.region, []).append(node)
+    placement: Placement = {}
+    for members in regions.values():
+        placement.update(stage_placement(cluster, members))
+    return placement

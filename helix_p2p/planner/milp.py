@@ -45,7 +45,7 @@ from ortools.math_opt.python import mathopt
 from helix_p2p.cluster import Cluster, NodeId
 from helix_p2p.flow import max_flow
 from helix_p2p.plan import Placement, Plan
-from helix_p2p.planner.classes import NodeClass, class_links, node_classes
+from helix_p2p.planner.classes import NodeClass, class_links, free_blocks, node_classes
 from helix_p2p.planner.core import PlanOptions, Progress, plan_from_placement
 
 BACKENDS = {"scip": mathopt.SolverType.GSCIP, "highs": mathopt.SolverType.HIGHS, "cpsat": mathopt.SolverType.CP_SAT}
@@ -62,6 +62,7 @@ class ClassModel:
     h: dict[tuple[int, int, int], mathopt.Variable]
     flow: mathopt.LinearExpression
     exact: bool
+    num_blocks: int
 
 
 def ranges_of(cls: NodeClass, num_layers: int) -> list[Range]:
@@ -83,7 +84,11 @@ def range_capacity(cls: NodeClass, start: int, k: int, num_layers: int) -> float
     return cap
 
 
-def build_model(cluster: Cluster, classes: list[NodeClass]) -> ClassModel:
+def build_model(
+    cluster: Cluster, classes: list[NodeClass], restrict: bool = False, cap_tokens_per_s: float | None = None
+) -> ClassModel:
+    """The model above; with `restrict`, no flow crosses between blocks (an exact restriction
+    whose solutions are real, used to find placements when the full model is a relaxation)."""
     num_layers = cluster.model.num_layers
     links = class_links(cluster, classes)
     model = mathopt.Model(name=f"helix-{cluster.name}")
@@ -96,7 +101,10 @@ def build_model(cluster: Cluster, classes: list[NodeClass]) -> ClassModel:
             key = (c, start, k)
             y[key] = model.add_integer_variable(lb=0, ub=cls.count, name=f"y[{c},{start},{k}]")
             h[key] = model.add_variable(lb=0, name=f"h[{c},{start},{k}]")
-            model.add_linear_constraint(h[key] <= range_capacity(cls, start, k, num_layers) * y[key])  # (2)
+            u = range_capacity(cls, start, k, num_layers)
+            if cap_tokens_per_s is not None:
+                u = min(u, cap_tokens_per_s)  # no node carries more than the whole flow
+            model.add_linear_constraint(h[key] <= u * y[key])  # (2)
             ending.setdefault((c, start + k), []).append(key)
             starting.setdefault((c, start), []).append(key)
         model.add_linear_constraint(
@@ -106,32 +114,42 @@ def build_model(cluster: Cluster, classes: list[NodeClass]) -> ClassModel:
     def total(keys: list[tuple[int, int, int]], var: dict) -> mathopt.LinearExpression:
         return mathopt.fast_sum(var[key] for key in keys)
 
-    all_free = all(link.free for link in links.values())
+    blocks = free_blocks(classes, links)
+    block_of = {c: x for x, block in enumerate(blocks) for c in block}
+    block_count = [sum(classes[c].count for c in block) for block in blocks]
+    # Block pair capacity: the fastest link between them (an over-estimate where links differ).
+    block_link: dict[tuple[int, int], float] = {}
+    for (a, b), link in links.items():
+        x, z = block_of[a], block_of[b]
+        if x != z and link.max_tokens_per_s > 0:
+            block_link[(x, z)] = max(block_link.get((x, z), 0.0), link.max_tokens_per_s)
     for p in range(1, num_layers):
-        if all_free:
-            out_keys = [key for c in range(len(classes)) for key in ending.get((c, p), [])]
-            in_keys = [key for c in range(len(classes)) for key in starting.get((c, p), [])]
-            model.add_linear_constraint(total(out_keys, h) == total(in_keys, h))  # (3), summed
+        ends = [[key for c in block for key in ending.get((c, p), [])] for block in blocks]
+        starts = [[key for c in block for key in starting.get((c, p), [])] for block in blocks]
+        if len(blocks) == 1:
+            model.add_linear_constraint(total(ends[0], h) == total(starts[0], h))  # (3), summed
             continue
-        w_out: dict[int, list[mathopt.Variable]] = {}
-        w_in: dict[int, list[mathopt.Variable]] = {}
-        for (a, b), link in links.items():
-            ends, starts = ending.get((a, p)), starting.get((b, p))
-            if not ends or not starts or link.max_tokens_per_s <= 0:
-                continue
-            w = model.add_variable(lb=0, name=f"w[{a},{b},{p}]")
-            w_out.setdefault(a, []).append(w)
-            w_in.setdefault(b, []).append(w)
-            if not link.free:
-                others_b = classes[b].count - (1 if a == b else 0)
-                others_a = classes[a].count - (1 if a == b else 0)
-                model.add_linear_constraint(w <= link.max_tokens_per_s * others_b * total(ends, y))
-                model.add_linear_constraint(w <= link.max_tokens_per_s * others_a * total(starts, y))
-        for c in range(len(classes)):
-            if ending.get((c, p)):
-                model.add_linear_constraint(total(ending[(c, p)], h) == mathopt.fast_sum(w_out.get(c, [])))
-            if starting.get((c, p)):
-                model.add_linear_constraint(total(starting[(c, p)], h) == mathopt.fast_sum(w_in.get(c, [])))
+        w_out: dict[int, list[mathopt.LinearExpression]] = {}
+        w_in: dict[int, list[mathopt.LinearExpression]] = {}
+        for x in range(len(blocks)):
+            if ends[x] and starts[x]:
+                w = model.add_variable(lb=0, name=f"w[{x},{x},{p}]")  # inside the block: free
+                w_out.setdefault(x, []).append(w)
+                w_in.setdefault(x, []).append(w)
+        if not restrict:
+            for (x, z), cap in block_link.items():
+                if not ends[x] or not starts[z]:
+                    continue
+                w = model.add_variable(lb=0, name=f"w[{x},{z},{p}]")
+                w_out.setdefault(x, []).append(w)
+                w_in.setdefault(z, []).append(w)
+                model.add_linear_constraint(w <= cap * block_count[z] * total(ends[x], y))
+                model.add_linear_constraint(w <= cap * block_count[x] * total(starts[z], y))
+        for x in range(len(blocks)):
+            if ends[x]:
+                model.add_linear_constraint(total(ends[x], h) == mathopt.fast_sum(w_out.get(x, [])))
+            if starts[x]:
+                model.add_linear_constraint(total(starts[x], h) == mathopt.fast_sum(w_in.get(x, [])))
     # (4) cover: some node holds every layer. Not implied by the LP (which may spread fractions of
     # nodes over single layers), valid for every placement with positive flow, and it cuts the
     # root bound from the compute bound to something that knows 24 GPUs must share 80 layers.
@@ -140,11 +158,9 @@ def build_model(cluster: Cluster, classes: list[NodeClass]) -> ClassModel:
         model.add_linear_constraint(mathopt.fast_sum(y[key] for key in covering) >= 1)
     flow = mathopt.fast_sum(h[key] for key in h if key[1] == 0)
     model.maximize(flow)
-    exact = all_free or all(
-        link.free or (link.uniform and min(classes[a].count, classes[b].count) == 1)
-        for (a, b), link in links.items()
-    )
-    return ClassModel(model, classes, y, h, flow, exact)
+    # One block, or no flow between blocks: every flow the model admits is realisable.
+    exact = len(blocks) == 1 or restrict
+    return ClassModel(model, classes, y, h, flow, exact, len(blocks))
 
 
 def placement_to_counts(
@@ -197,7 +213,7 @@ def hint_for(cm: ClassModel, cluster: Cluster, placement: Placement) -> mathopt.
     return mathopt.SolutionHint(variable_values=values)
 
 
-def add_cover_cuts(cm: ClassModel, cluster: Cluster, target: float, levels: tuple[int, ...] = (2, 3, 4)) -> None:
+def add_cover_cuts(cm: ClassModel, cluster: Cluster, target: float, levels: tuple[int, ...] = (2, 3, 4, 5, 6)) -> None:
     """(5) cover cuts, valid for placements whose flow is at least `target`.
 
     Every token passes every layer on exactly one node, so the nodes holding layer l carry the
@@ -230,6 +246,8 @@ class _Attempt:
     """One solve of the model restricted to flows >= target."""
 
     target: float
+    #: solved the restriction (no flow between blocks): its infeasibility or bound proves nothing
+    restricted: bool
     infeasible: bool
     placement: dict[NodeId, tuple[int, int]] | None
     dual_bound: float | None
@@ -243,16 +261,25 @@ def _attempt(
     target: float,
     hint: Placement | None,
     backend: str,
-    time_limit_s: float,
+    deadline: float,
     options: PlanOptions,
     previous: Placement | None,
+    restrict: bool = False,
+    exactly: bool = False,
 ) -> _Attempt:
+    """With `exactly`, ask for flow == target rather than >= target: equivalent for deciding
+    whether the target is reachable (a flow scales down), and then no node carries more than
+    the target, which tightens (2) to h <= min(u, target) * y."""
     started = time.monotonic()
-    cm = build_model(cluster, classes)
-    cm.model.add_linear_constraint(cm.flow >= target)
+    cm = build_model(cluster, classes, restrict, cap_tokens_per_s=target if exactly else None)
+    if exactly:
+        cm.model.add_linear_constraint(cm.flow == target)
+    else:
+        cm.model.add_linear_constraint(cm.flow >= target)
     add_cover_cuts(cm, cluster, target)
     params = mathopt.SolveParameters(
-        time_limit=datetime.timedelta(seconds=max(0.5, time_limit_s)),
+        # model building counts against the caller's time too
+        time_limit=datetime.timedelta(seconds=max(0.2, deadline - time.monotonic())),
         relative_gap_tolerance=1e-7,
         absolute_gap_tolerance=1e-6,
         threads=options.threads,
@@ -271,6 +298,7 @@ def _attempt(
     infeasible = reason in (mathopt.TerminationReason.INFEASIBLE, mathopt.TerminationReason.INFEASIBLE_OR_UNBOUNDED)
     return _Attempt(
         target=target,
+        restricted=restrict and cm.num_blocks > 1,
         infeasible=infeasible,
         placement=placement,
         dual_bound=None if infeasible else _dual_bound(result),
@@ -290,7 +318,8 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     from helix_p2p.planner.heuristics import best_heuristic_placement
 
     started = time.monotonic()
-    deadline = started + options.time_limit_s
+    # Keep a little time back for scoring the final placement.
+    deadline = started + options.time_limit_s - min(3.0, 0.08 * options.time_limit_s)
     backend = options.backend if options.backend in BACKENDS else DEFAULT_BACKEND
     classes = node_classes(cluster)
     previous_placement = dict(previous.placement) if previous else None
@@ -308,14 +337,30 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         improving = target is None
         probe = lo * (1 + tolerance) if improving else target
         budget = remaining * (0.6 if not attempts else 0.5)
-        attempt = _attempt(cluster, classes, probe, best, backend, budget, options, previous_placement)
+        # Search for better placements in the exact restriction when the best one fits it; decide
+        # bisection probes on the full model (a relaxation where blocks exist), whose refutations
+        # are proofs.
+        attempt = _attempt(
+            cluster,
+            classes,
+            probe,
+            best,
+            backend,
+            time.monotonic() + budget,
+            options,
+            previous_placement,
+            restrict=improving and _within_blocks(cluster, classes, best),
+            exactly=not improving,
+        )
         attempts.append(attempt)
         improved = False
         if attempt.placement is not None:
             flow = max_flow(cluster, attempt.placement).value_tokens_per_s
             if flow > lo:
                 best, lo, origin, improved = attempt.placement, flow, "milp", True
-        if attempt.infeasible:
+        if attempt.restricted:
+            pass
+        elif attempt.infeasible:
             hi = min(hi, probe)
         elif attempt.dual_bound is not None:
             # The solve speaks only of flows >= probe; flows below it are bounded by probe.
@@ -323,7 +368,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         tracker.report(lo, hi)
         if improved:
             target = None  # look above the new best
-        elif attempt.infeasible:
+        elif attempt.infeasible and not attempt.restricted:
             target = None if improving else (lo + hi) / 2
         else:
             # Neither found nor refuted in time: probe nearer the bound, where refuting is easier.
@@ -337,11 +382,12 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     details = {
         "backend": backend,
         "classes": len(classes),
-        "model_exact": build_model(cluster, classes).exact if len(classes) <= 64 else None,
+        "blocks": len(free_blocks(classes, class_links(cluster, classes))),
         "warm_start_tokens_per_s": warm_flow,
         "source_of_best": origin,
         "solves": [
-            {"target": a.target, "termination": a.termination, "seconds": round(a.seconds, 2)} for a in attempts
+            {"target": a.target, "restricted": a.restricted, "termination": a.termination, "seconds": round(a.seconds, 2)}
+            for a in attempts
         ],
     }
     return plan_from_placement(
@@ -352,6 +398,16 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         upper_bound_tokens_per_s=bound,
         partial_inference=options.partial_inference,
         details=details,
+    )
+
+
+def _within_blocks(cluster: Cluster, classes: list[NodeClass], placement: Placement) -> bool:
+    """Whether the placement's max flow uses no edge between two blocks."""
+    blocks = free_blocks(classes, class_links(cluster, classes))
+    block_of = {m: x for x, block in enumerate(blocks) for c in block for m in classes[c].members}
+    flows = max_flow(cluster, placement).flows
+    return all(
+        block_of[f.src] == block_of[f.dst] for f in flows if f.src in block_of and f.dst in block_of
     )
 
 
