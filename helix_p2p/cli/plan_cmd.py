@@ -1,0 +1,116 @@
+"""`helix plan`: place a model on a cluster and print (and optionally save) the plan."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from helix_p2p.cluster import Cluster
+from helix_p2p.data import bundled_cluster_names, resolve_cluster_path
+from helix_p2p.flow import max_flow
+from helix_p2p.formats import FormatError, read_cluster, write_plan
+from helix_p2p.plan import Plan
+from helix_p2p.planner import METHODS, PlanOptions, Progress, plan
+from helix_p2p.planner.milp import BACKENDS, DEFAULT_BACKEND
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="choose which layers every node holds (max-flow placement)",
+        description=(
+            "Place a model's layers on a cluster so that the tokens/s the cluster can carry (the max "
+            "flow) is largest. CLUSTER is a helix-cluster/1 file or a bundled cluster's name: "
+            + ", ".join(bundled_cluster_names())
+        ),
+    )
+    p.add_argument("cluster", metavar="CLUSTER", help="helix-cluster/1 JSON file or bundled cluster name")
+    p.add_argument("--method", choices=list(METHODS), default="milp", help="planner (default: milp)")
+    p.add_argument("--time-limit", type=_positive_float, default=60.0, metavar="SECONDS",
+                   help="stop the MILP after this long and return the best plan found (default: 60)")
+    p.add_argument("--partial-inference", action="store_true",
+                   help="let a node take over in the middle of another's range (DESIGN.md)")
+    p.add_argument("--out", metavar="PLAN.json", help="write the plan as helix-plan/1")
+    p.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default: 0)")
+    p.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND,
+                   help=f"MILP solver (default: {DEFAULT_BACKEND}; see benchmarks/planner.py)")
+    p.add_argument("--threads", type=int, default=None, help="solver threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=run)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    path = resolve_cluster_path(args.cluster)
+    if not path.exists():
+        raise FormatError(str(path), "", "no such file (bundled clusters: " + ", ".join(bundled_cluster_names()) + ")")
+    cluster = read_cluster(path)
+    options = PlanOptions(
+        method=args.method,
+        time_limit_s=args.time_limit,
+        partial_inference=args.partial_inference,
+        seed=args.seed,
+        threads=args.threads,
+        backend=args.backend,
+        progress=None if args.quiet else _progress_printer(sys.stderr),
+    )
+    result = plan(cluster, options)
+    print_plan(cluster, result, sys.stdout)
+    if args.out:
+        write_plan(result, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _progress_printer(stream: TextIO):
+    def show(progress: Progress) -> None:
+        bound = "?" if progress.bound_tokens_per_s is None else f"{progress.bound_tokens_per_s:.2f}"
+        gap = ""
+        if progress.bound_tokens_per_s:
+            gap = f" (gap {100 * (1 - progress.best_tokens_per_s / progress.bound_tokens_per_s):.2f}%)"
+        print(
+            f"[{progress.elapsed_s:6.1f} s] best {progress.best_tokens_per_s:.2f} tokens/s, bound {bound}{gap}",
+            file=stream,
+            flush=True,
+        )
+
+    return show
+
+
+def print_plan(cluster: Cluster, result: Plan, out: TextIO) -> None:
+    model = cluster.model
+    w = out.write
+    w(f"cluster    {cluster.name}: {len(cluster.nodes)} nodes, {model.name} ({model.num_layers} layers)\n")
+    backend = result.details.get("backend")
+    w(f"method     {result.method}{f' ({backend})' if backend else ''}, {result.solve_seconds:.1f} s"
+      f"{', partial inference' if result.partial_inference else ''}\n")
+    w(f"flow       {result.objective_tokens_per_s:.2f} tokens/s\n")
+    if result.upper_bound_tokens_per_s is None:
+        w("bound      none proven by this method\n")
+    else:
+        w(f"bound      {result.upper_bound_tokens_per_s:.2f} tokens/s (gap {100 * (result.gap or 0):.4f}%)\n")
+    w(f"compute    {cluster.compute_upper_bound_tokens_per_s():.2f} tokens/s (every node at its best layer count)\n")
+    published = cluster.published.get("helix_milp_max_flow")
+    if isinstance(published, (int, float)) and published > 0:
+        w(f"Helix      {published:.2f} tokens/s published; this plan is x{result.objective_tokens_per_s / published:.3f}\n")
+    node_flow = max_flow(cluster, result.placement, result.partial_inference).node_flow_tokens_per_s
+    rows = sorted(result.placement.items(), key=lambda item: (item[1], item[0]))
+    w(f"\n{'node':<16} {'gpu':<8} {'layers':<12} {'k':>3} {'capacity':>10} {'flow':>10}\n")
+    for node_id, (start, end) in rows:
+        node = cluster.node_by_id[node_id]
+        capacity = cluster.node_capacity_tokens_per_s(node_id, end - start)
+        w(f"{node_id:<16} {node.gpu:<8} {f'[{start}, {end})':<12} {end - start:>3} "
+          f"{capacity:>10.1f} {node_flow.get(node_id, 0.0):>10.1f}\n")
+    idle = [n.id for n in cluster.nodes if n.id not in result.placement]
+    if idle:
+        w(f"\nunused: {', '.join(idle)}\n")
