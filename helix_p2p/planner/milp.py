@@ -61,8 +61,10 @@ class ClassModel:
     y: dict[tuple[int, int, int], mathopt.Variable]
     h: dict[tuple[int, int, int], mathopt.Variable]
     flow: mathopt.LinearExpression
-    exact: bool
-    num_blocks: int
+    #: every solution's flow is realisable by its placement
+    solutions_real: bool
+    #: infeasibility and dual bounds hold for every placement (not a restriction)
+    refutes: bool
 
 
 def ranges_of(cls: NodeClass, num_layers: int) -> list[Range]:
@@ -85,10 +87,14 @@ def range_capacity(cls: NodeClass, start: int, k: int, num_layers: int) -> float
 
 
 def build_model(
-    cluster: Cluster, classes: list[NodeClass], restrict: bool = False, cap_tokens_per_s: float | None = None
+    cluster: Cluster, classes: list[NodeClass], mode: str = "full", cap_tokens_per_s: float | None = None
 ) -> ClassModel:
-    """The model above; with `restrict`, no flow crosses between blocks (an exact restriction
-    whose solutions are real, used to find placements when the full model is a relaxation)."""
+    """The model above. `mode` says how flow between blocks is modelled:
+    - "full": bounded per class pair as derived above;
+    - "restricted": not at all (an exact restriction: its solutions are real, its refutations
+      prove nothing), to search fast where the full model is large;
+    - "relaxed": links ignored, all blocks one (a relaxation: its refutations are proofs, its
+      solutions may not be real), to prove bounds fast."""
     num_layers = cluster.model.num_layers
     links = class_links(cluster, classes)
     model = mathopt.Model(name=f"helix-{cluster.name}")
@@ -114,42 +120,49 @@ def build_model(
     def total(keys: list[tuple[int, int, int]], var: dict) -> mathopt.LinearExpression:
         return mathopt.fast_sum(var[key] for key in keys)
 
-    blocks = free_blocks(classes, links)
+    blocks = free_blocks(classes, links) if mode != "relaxed" else [list(range(len(classes)))]
     block_of = {c: x for x, block in enumerate(blocks) for c in block}
-    block_count = [sum(classes[c].count for c in block) for block in blocks]
-    # Block pair capacity: the fastest link between them (an over-estimate where links differ).
-    block_link: dict[tuple[int, int], float] = {}
-    for (a, b), link in links.items():
-        x, z = block_of[a], block_of[b]
-        if x != z and link.max_tokens_per_s > 0:
-            block_link[(x, z)] = max(block_link.get((x, z), 0.0), link.max_tokens_per_s)
+    restrict = mode == "restricted"
     for p in range(1, num_layers):
-        ends = [[key for c in block for key in ending.get((c, p), [])] for block in blocks]
-        starts = [[key for c in block for key in starting.get((c, p), [])] for block in blocks]
         if len(blocks) == 1:
-            model.add_linear_constraint(total(ends[0], h) == total(starts[0], h))  # (3), summed
+            ends = [key for c in range(len(classes)) for key in ending.get((c, p), [])]
+            starts = [key for c in range(len(classes)) for key in starting.get((c, p), [])]
+            model.add_linear_constraint(total(ends, h) == total(starts, h))  # (3), summed
             continue
-        w_out: dict[int, list[mathopt.LinearExpression]] = {}
-        w_in: dict[int, list[mathopt.LinearExpression]] = {}
-        for x in range(len(blocks)):
-            if ends[x] and starts[x]:
-                w = model.add_variable(lb=0, name=f"w[{x},{x},{p}]")  # inside the block: free
-                w_out.setdefault(x, []).append(w)
-                w_in.setdefault(x, []).append(w)
+        # Each class splits what it hands on at p into a part kept inside its block (free, so
+        # only the block's totals must match) and flows to classes of other blocks (bounded).
+        out_parts: dict[int, list] = {c: [] for c in range(len(classes)) if ending.get((c, p))}
+        in_parts: dict[int, list] = {c: [] for c in range(len(classes)) if starting.get((c, p))}
+        inside_out: dict[int, list] = {}
+        inside_in: dict[int, list] = {}
+        for c in out_parts:
+            v = model.add_variable(lb=0, name=f"o[{c},{p}]")
+            out_parts[c].append(v)
+            inside_out.setdefault(block_of[c], []).append(v)
+        for c in in_parts:
+            v = model.add_variable(lb=0, name=f"i[{c},{p}]")
+            in_parts[c].append(v)
+            inside_in.setdefault(block_of[c], []).append(v)
+        for x in set(inside_out) | set(inside_in):
+            model.add_linear_constraint(
+                mathopt.fast_sum(inside_out.get(x, [])) == mathopt.fast_sum(inside_in.get(x, []))
+            )
         if not restrict:
-            for (x, z), cap in block_link.items():
-                if not ends[x] or not starts[z]:
+            for (a, b), link in links.items():
+                if block_of[a] == block_of[b] or a not in out_parts or b not in in_parts:
                     continue
-                w = model.add_variable(lb=0, name=f"w[{x},{z},{p}]")
-                w_out.setdefault(x, []).append(w)
-                w_in.setdefault(z, []).append(w)
-                model.add_linear_constraint(w <= cap * block_count[z] * total(ends[x], y))
-                model.add_linear_constraint(w <= cap * block_count[x] * total(starts[z], y))
-        for x in range(len(blocks)):
-            if ends[x]:
-                model.add_linear_constraint(total(ends[x], h) == mathopt.fast_sum(w_out.get(x, [])))
-            if starts[x]:
-                model.add_linear_constraint(total(starts[x], h) == mathopt.fast_sum(w_in.get(x, [])))
+                if link.max_tokens_per_s <= 0:
+                    continue
+                w = model.add_variable(lb=0, name=f"w[{a},{b},{p}]")
+                out_parts[a].append(w)
+                in_parts[b].append(w)
+                others_b, others_a = classes[b].count, classes[a].count
+                model.add_linear_constraint(w <= link.max_tokens_per_s * others_b * total(ending[(a, p)], y))
+                model.add_linear_constraint(w <= link.max_tokens_per_s * others_a * total(starting[(b, p)], y))
+        for c, parts in out_parts.items():
+            model.add_linear_constraint(total(ending[(c, p)], h) == mathopt.fast_sum(parts))
+        for c, parts in in_parts.items():
+            model.add_linear_constraint(total(starting[(c, p)], h) == mathopt.fast_sum(parts))
     # (4) cover: some node holds every layer. Not implied by the LP (which may spread fractions of
     # nodes over single layers), valid for every placement with positive flow, and it cuts the
     # root bound from the compute bound to something that knows 24 GPUs must share 80 layers.
@@ -158,9 +171,17 @@ def build_model(
         model.add_linear_constraint(mathopt.fast_sum(y[key] for key in covering) >= 1)
     flow = mathopt.fast_sum(h[key] for key in h if key[1] == 0)
     model.maximize(flow)
-    # One block, or no flow between blocks: every flow the model admits is realisable.
-    exact = len(blocks) == 1 or restrict
-    return ClassModel(model, classes, y, h, flow, exact, len(blocks))
+    one_block = len(free_blocks(classes, links)) == 1
+    # Solutions are real when the model is exact: one block, no flow between blocks, or only
+    # bounded pairs with a one-member side (where the McCormick bounds are exact).
+    real = one_block or restrict or (
+        mode == "full"
+        and all(
+            block_of[a] == block_of[b] or (link.uniform and min(classes[a].count, classes[b].count) == 1)
+            for (a, b), link in links.items()
+        )
+    )
+    return ClassModel(model, classes, y, h, flow, solutions_real=real, refutes=one_block or not restrict)
 
 
 def placement_to_counts(
@@ -246,8 +267,8 @@ class _Attempt:
     """One solve of the model restricted to flows >= target."""
 
     target: float
-    #: solved the restriction (no flow between blocks): its infeasibility or bound proves nothing
-    restricted: bool
+    #: the model was no restriction, so its infeasibility or dual bound is a proof
+    refutes: bool
     infeasible: bool
     placement: dict[NodeId, tuple[int, int]] | None
     dual_bound: float | None
@@ -264,14 +285,14 @@ def _attempt(
     deadline: float,
     options: PlanOptions,
     previous: Placement | None,
-    restrict: bool = False,
+    mode: str = "full",
     exactly: bool = False,
 ) -> _Attempt:
     """With `exactly`, ask for flow == target rather than >= target: equivalent for deciding
     whether the target is reachable (a flow scales down), and then no node carries more than
     the target, which tightens (2) to h <= min(u, target) * y."""
     started = time.monotonic()
-    cm = build_model(cluster, classes, restrict, cap_tokens_per_s=target if exactly else None)
+    cm = build_model(cluster, classes, mode, cap_tokens_per_s=target if exactly else None)
     if exactly:
         cm.model.add_linear_constraint(cm.flow == target)
     else:
@@ -298,10 +319,11 @@ def _attempt(
     infeasible = reason in (mathopt.TerminationReason.INFEASIBLE, mathopt.TerminationReason.INFEASIBLE_OR_UNBOUNDED)
     return _Attempt(
         target=target,
-        restricted=restrict and cm.num_blocks > 1,
+        refutes=cm.refutes,
         infeasible=infeasible,
         placement=placement,
-        dual_bound=None if infeasible else _dual_bound(result),
+        # With the flow fixed to the target the dual bound is the target itself: it says nothing.
+        dual_bound=None if infeasible or exactly else _dual_bound(result),
         termination=reason.name,
         seconds=time.monotonic() - started,
     )
@@ -349,7 +371,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             time.monotonic() + budget,
             options,
             previous_placement,
-            restrict=improving and _within_blocks(cluster, classes, best),
+            mode=_search_mode(cluster, classes, best) if improving else "relaxed",
             exactly=not improving,
         )
         attempts.append(attempt)
@@ -358,7 +380,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             flow = max_flow(cluster, attempt.placement).value_tokens_per_s
             if flow > lo:
                 best, lo, origin, improved = attempt.placement, flow, "milp", True
-        if attempt.restricted:
+        if not attempt.refutes:
             pass
         elif attempt.infeasible:
             hi = min(hi, probe)
@@ -368,7 +390,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         tracker.report(lo, hi)
         if improved:
             target = None  # look above the new best
-        elif attempt.infeasible and not attempt.restricted:
+        elif attempt.infeasible and attempt.refutes:
             target = None if improving else (lo + hi) / 2
         else:
             # Neither found nor refuted in time: probe nearer the bound, where refuting is easier.
@@ -386,7 +408,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         "warm_start_tokens_per_s": warm_flow,
         "source_of_best": origin,
         "solves": [
-            {"target": a.target, "restricted": a.restricted, "termination": a.termination, "seconds": round(a.seconds, 2)}
+            {"target": a.target, "refutes": a.refutes, "termination": a.termination, "seconds": round(a.seconds, 2)}
             for a in attempts
         ],
     }
@@ -399,6 +421,25 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         partial_inference=options.partial_inference,
         details=details,
     )
+
+
+#: Above this many (class pair, boundary) link variables the full model is too slow to search in.
+FULL_MODEL_MAX_PAIR_VARIABLES = 5000
+
+
+def _search_mode(cluster: Cluster, classes: list[NodeClass], best: Placement) -> str:
+    """The model to search for better placements in: the full one while it is small, else the
+    restriction to flow inside blocks (when the best placement so far is one of its solutions, so
+    the solver starts from it)."""
+    links = class_links(cluster, classes)
+    blocks = free_blocks(classes, links)
+    if len(blocks) == 1:
+        return "full"
+    block_of = {c: x for x, block in enumerate(blocks) for c in block}
+    pairs = sum(1 for (a, b) in links if block_of[a] != block_of[b])
+    if pairs * cluster.model.num_layers <= FULL_MODEL_MAX_PAIR_VARIABLES:
+        return "full"
+    return "restricted" if _within_blocks(cluster, classes, best) else "full"
 
 
 def _within_blocks(cluster: Cluster, classes: list[NodeClass], placement: Placement) -> bool:
