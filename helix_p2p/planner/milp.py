@@ -303,7 +303,7 @@ def _attempt(
         time_limit=datetime.timedelta(seconds=max(0.2, deadline - time.monotonic())),
         relative_gap_tolerance=1e-7,
         absolute_gap_tolerance=1e-6,
-        threads=options.threads,
+        threads=None if backend == "highs" else options.threads,  # HiGHS takes no thread count here
         random_seed=options.seed,
     )
     model_params = None
