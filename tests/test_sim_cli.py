@@ -1,4 +1,6 @@
-"""`helix sim`, run as a user runs it: the installed `helix` executable in a subprocess.
+"""`helix sim`: once as a user runs it (the installed `helix` executable in a subprocess), the rest
+in-process through `helix_p2p.cli.main` (same parser, same error handling, without paying the
+interpreter start-up for every case).
 
 Spec: `helix sim CLUSTER.json --plan PLAN.json [--scheduler iwrr|random|shortest-queue|swarm]
 [--mode offline|online] [--rate TOKENS_PER_S] [--duration SECONDS] [--seed N] [--churn FILE] [--json]`;
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from builders import A100, make_cluster, node, write_json
 
+from helix_p2p.cli import main
 from helix_p2p.cluster import NodeId
 from helix_p2p.formats import write_cluster, write_plan
 from helix_p2p.planner import plan_from_placement
@@ -31,6 +34,12 @@ def helix_sim(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [HELIX, "sim", *map(str, args)], capture_output=True, text=True, timeout=110, check=False
     )
+
+
+def helix_sim_here(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main(["sim", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture
@@ -50,7 +59,10 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "cluster.json", tmp_path / "plan.json"
 
 
-def test_json_output_has_the_promised_fields(files: tuple[Path, Path]) -> None:
+@pytest.mark.slow  # the `helix` executable imports every subcommand (torch included) at start-up
+def test_json_output_has_the_promised_fields(
+    files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     cluster, plan = files
     result = helix_sim(cluster, "--plan", plan, "--duration", "30", "--seed", "3", "--json")
     assert result.returncode == 0, result.stderr
@@ -63,11 +75,15 @@ def test_json_output_has_the_promised_fields(files: tuple[Path, Path]) -> None:
     assert doc["max_flow_tokens_per_s"] == pytest.approx(600.0)
     assert doc["scheduler"] == "iwrr" and doc["mode"] == "offline"
     # the same seed prints the same numbers
-    again = json.loads(helix_sim(cluster, "--plan", plan, "--duration", "30", "--seed", "3", "--json").stdout)
-    assert again["decode_tokens_per_s"] == doc["decode_tokens_per_s"]
+    code, out, _ = helix_sim_here(
+        capsys, cluster, "--plan", plan, "--duration", "30", "--seed", "3", "--json"
+    )
+    assert code == 0 and json.loads(out)["decode_tokens_per_s"] == doc["decode_tokens_per_s"]
 
 
-def test_table_output_online_with_churn(files: tuple[Path, Path], tmp_path: Path) -> None:
+def test_table_output_online_with_churn(
+    files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cluster, plan = files
     churn = write_json(
         tmp_path / "churn.json",
@@ -78,12 +94,11 @@ def test_table_output_online_with_churn(files: tuple[Path, Path], tmp_path: Path
             "load_s_per_layer": 0.5,
         },
     )
-    result = helix_sim(
-        cluster, "--plan", plan, "--mode", "online", "--rate", "2000", "--duration", "30",
+    code, out, err = helix_sim_here(
+        capsys, cluster, "--plan", plan, "--mode", "online", "--rate", "2000", "--duration", "30",
         "--scheduler", "swarm", "--churn", churn,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    assert code == 0, err
     assert "decode throughput" in out and "prompt latency" in out and "decode latency/token" in out
     assert "a2 left: re-planned (sp)" in out
     assert "source -> a1" in out  # the edge table
@@ -98,22 +113,24 @@ def test_table_output_online_with_churn(files: tuple[Path, Path], tmp_path: Path
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
-    files: tuple[Path, Path], extra: list[str], words: list[str]
+    files: tuple[Path, Path], extra: list[str], words: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     cluster, plan = files
-    result = helix_sim(cluster, "--plan", plan, *extra)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    code, _, err = helix_sim_here(capsys, cluster, "--plan", plan, *extra)
+    assert code == 2
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
     for word in words:
         assert word in last
 
 
-def test_a_plan_for_other_nodes_is_refused(files: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_plan_for_other_nodes_is_refused(
+    files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cluster, _ = files
     other = make_cluster([node("zz", A100)], num_layers=4, model_name="llama-2-70b", activation_bytes=16384)
     write_plan(
         plan_from_placement(other, {NodeId("zz"): (0, 4)}, method="sp", solve_seconds=0), tmp_path / "o.json"
     )
-    result = helix_sim(cluster, "--plan", tmp_path / "o.json")
-    assert result.returncode == 2 and "zz" in result.stderr and "Traceback" not in result.stderr
+    code, _, err = helix_sim_here(capsys, cluster, "--plan", tmp_path / "o.json")
+    assert code == 2 and "zz" in err and "Traceback" not in err

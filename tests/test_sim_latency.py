@@ -110,3 +110,26 @@ def test_prompts_waiting_for_a_busy_node_run_together_in_one_batch() -> None:
     # 0.0711 and its token is back at 0.0711 + 0.000001 + 0.001
     decode = 0.0711 + 0.000001 + LAT - (r0)
     assert result.decode_latency_s.mean == pytest.approx(decode)
+
+
+def test_partial_inference_runs_only_the_missing_layers() -> None:
+    # a holds [0, 3), b holds [1, 5): a request runs 0-2 on a and only 3-4 on b.
+    cluster = make_cluster(
+        [node("a", A100), node("b", A100)], num_layers=5, links="chain", coordinator_tokens_per_s=1000
+    )
+    plan = plan_from_placement(
+        cluster,
+        {NodeId("a"): (0, 3), NodeId("b"): (1, 5)},
+        method="hand",
+        solve_seconds=0,
+        partial_inference=True,
+    )
+    config = SimConfig(
+        mode="online", arrivals=(RequestSpec(0.0, 100, 2),), duration_s=10.0, warmup_s=0.0, drain=True
+    )
+    result = simulate(cluster, plan, config, profiles={n.id: profile() for n in cluster.nodes})
+    # a -> b is the default fast link (1e6 tokens/s): 100 tokens * 1000 B / 1e9 B/s = 0.0001 s + 1 ms
+    # decode: 0.002 in + 3 * 0.005 on a + (0.000001 + 0.001) + 2 * 0.005 on b + 0.002 out
+    assert result.decode_latency_s.mean == pytest.approx(0.002 + 0.015 + 0.001001 + 0.010 + 0.002)
+    # prompt: 0.101 + 3 * 0.010 + 0.0011 + 2 * 0.010 + 0.002
+    assert result.prompt_latency_s.mean == pytest.approx(0.101 + 0.030 + 0.0011 + 0.020 + 0.002)
