@@ -16,8 +16,8 @@ import time
 from helix_p2p.cluster import Cluster
 from helix_p2p.data import CLUSTERS_DIR, bundled_cluster_names
 from helix_p2p.formats import read_cluster
+from helix_p2p.planner import BACKEND_NAMES as BACKENDS
 from helix_p2p.planner import PlanOptions, plan
-from helix_p2p.planner.milp import BACKENDS
 from helix_p2p.synthetic import SyntheticSpec, synthetic_cluster
 
 BASELINES = ("petals", "swarm", "sp")

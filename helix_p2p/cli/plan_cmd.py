@@ -11,8 +11,7 @@ from helix_p2p.data import bundled_cluster_names, resolve_cluster_path
 from helix_p2p.flow import max_flow
 from helix_p2p.formats import FormatError, read_cluster, write_plan
 from helix_p2p.plan import Plan
-from helix_p2p.planner import METHODS, PlanOptions, Progress, plan
-from helix_p2p.planner.milp import BACKENDS, DEFAULT_BACKEND
+from helix_p2p.planner import BACKEND_NAMES, METHODS, PlanOptions, Progress, plan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="let a node take over in the middle of another's range (DESIGN.md)")
     p.add_argument("--out", metavar="PLAN.json", help="write the plan as helix-plan/1")
     p.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default: 0)")
-    p.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND,
-                   help=f"MILP solver (default: {DEFAULT_BACKEND}; see benchmarks/planner.py)")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default=BACKEND_NAMES[0],
+                   help=f"MILP solver (default: {BACKEND_NAMES[0]}; see benchmarks/planner.py)")
     p.add_argument("--threads", type=int, default=None, help="solver threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
@@ -78,8 +77,9 @@ def _progress_printer(stream: TextIO):
         gap = ""
         if progress.bound_tokens_per_s:
             gap = f" (gap {100 * (1 - progress.best_tokens_per_s / progress.bound_tokens_per_s):.2f}%)"
+        activity = f"; {progress.activity}" if progress.activity else ""
         print(
-            f"[{progress.elapsed_s:6.1f} s] best {progress.best_tokens_per_s:.2f} tokens/s, bound {bound}{gap}",
+            f"[{progress.elapsed_s:6.1f} s] best {progress.best_tokens_per_s:.2f} tokens/s, bound {bound}{gap}{activity}",
             file=stream,
             flush=True,
         )

@@ -6,6 +6,6 @@ placement is scored by the same exact max flow (`helix_p2p.flow`)."""
 
 from __future__ import annotations
 
-from helix_p2p.planner.core import METHODS, PlanOptions, Progress, plan, plan_from_placement
+from helix_p2p.planner.core import BACKEND_NAMES, METHODS, PlanOptions, Progress, plan, plan_from_placement
 
-__all__ = ["METHODS", "PlanOptions", "Progress", "plan", "plan_from_placement"]
+__all__ = ["BACKEND_NAMES", "METHODS", "PlanOptions", "Progress", "plan", "plan_from_placement"]

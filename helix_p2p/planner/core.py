@@ -11,6 +11,11 @@ from helix_p2p.flow import max_flow
 from helix_p2p.plan import Placement, Plan, PlanError
 
 
+#: MILP solvers (OR-Tools MathOpt backends), best first by benchmarks/planner.py. Named here so
+#: that the CLI can list them without importing OR-Tools.
+BACKEND_NAMES = ("scip", "highs", "cpsat")
+
+
 @dataclass(frozen=True)
 class Progress:
     """A solver's state during a long solve, for progress displays."""
@@ -18,6 +23,8 @@ class Progress:
     elapsed_s: float
     best_tokens_per_s: float
     bound_tokens_per_s: float | None
+    #: what the solver is doing now, for people watching (e.g. "searching above 1353.10")
+    activity: str = ""
 
 
 @dataclass(frozen=True)

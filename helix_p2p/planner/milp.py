@@ -44,12 +44,11 @@ from ortools.math_opt.python import mathopt
 
 from helix_p2p.cluster import Cluster, NodeId
 from helix_p2p.flow import max_flow
-from helix_p2p.plan import Placement, Plan
+from helix_p2p.plan import Placement, Plan, PlanError
 from helix_p2p.planner.classes import NodeClass, class_links, free_blocks, node_classes
-from helix_p2p.planner.core import PlanOptions, Progress, plan_from_placement
+from helix_p2p.planner.core import BACKEND_NAMES, PlanOptions, Progress, plan_from_placement
 
-BACKENDS = {"scip": mathopt.SolverType.GSCIP, "highs": mathopt.SolverType.HIGHS, "cpsat": mathopt.SolverType.CP_SAT}
-DEFAULT_BACKEND = "scip"
+BACKENDS = dict(zip(BACKEND_NAMES, (mathopt.SolverType.GSCIP, mathopt.SolverType.HIGHS, mathopt.SolverType.CP_SAT)))
 
 Range = tuple[int, int]  # (start, k)
 
@@ -287,6 +286,7 @@ def _attempt(
     previous: Placement | None,
     mode: str = "full",
     exactly: bool = False,
+    on_log=None,
 ) -> _Attempt:
     """With `exactly`, ask for flow == target rather than >= target: equivalent for deciding
     whether the target is reachable (a flow scales down), and then no node carries more than
@@ -309,7 +309,9 @@ def _attempt(
     model_params = None
     if hint is not None and backend != "highs":  # HiGHS through MathOpt takes no hints
         model_params = mathopt.ModelSolveParameters(solution_hints=[hint_for(cm, cluster, hint)])
-    result = mathopt.solve(cm.model, BACKENDS[backend], params=params, model_params=model_params)
+    result = mathopt.solve(
+        cm.model, BACKENDS[backend], params=params, model_params=model_params, msg_cb=on_log
+    )
     reason = result.termination.reason
     placement = None
     if result.has_primal_feasible_solution():
@@ -341,8 +343,10 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
 
     started = time.monotonic()
     # Keep a little time back for scoring the final placement.
-    deadline = started + options.time_limit_s - min(3.0, 0.08 * options.time_limit_s)
-    backend = options.backend if options.backend in BACKENDS else DEFAULT_BACKEND
+    deadline = started + options.time_limit_s - min(5.0, 0.1 * options.time_limit_s)
+    if options.backend not in BACKENDS:
+        raise PlanError(f"unknown MILP backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
+    backend = options.backend
     classes = node_classes(cluster)
     previous_placement = dict(previous.placement) if previous else None
     best = best_heuristic_placement(cluster, options, previous)
@@ -352,13 +356,15 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     warm_flow = lo
     attempts: list[_Attempt] = []
     tracker = _ProgressTracker(options, started)
-    tracker.report(lo, hi)
+    tracker.report(lo, hi, "heuristics done")
     tolerance = 1e-6
     target = None  # None: search just above the best flow; else bisect the bound here
-    while hi - lo > tolerance * hi and (remaining := deadline - time.monotonic()) > 0.5:
+    while hi - lo > tolerance * hi and (remaining := deadline - time.monotonic()) > 1.0:
         improving = target is None
         probe = lo * (1 + tolerance) if improving else target
         budget = remaining * (0.6 if not attempts else 0.5)
+        activity = f"searching above {lo:.2f}" if improving else f"testing whether {probe:.2f} is reachable"
+        tracker.report(lo, hi, activity)
         # Search for better placements in the exact restriction when the best one fits it; decide
         # bisection probes on the full model (a relaxation where blocks exist), whose refutations
         # are proofs.
@@ -373,6 +379,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             previous_placement,
             mode=_search_mode(cluster, classes, best) if improving else "relaxed",
             exactly=not improving,
+            on_log=tracker.on_solver_log,
         )
         attempts.append(attempt)
         improved = False
@@ -387,7 +394,6 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         elif attempt.dual_bound is not None:
             # The solve speaks only of flows >= probe; flows below it are bounded by probe.
             hi = min(hi, max(attempt.dual_bound, probe))
-        tracker.report(lo, hi)
         if improved:
             target = None  # look above the new best
         elif attempt.infeasible and attempt.refutes:
@@ -396,6 +402,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             # Neither found nor refuted in time: probe nearer the bound, where refuting is easier.
             target = (lo + hi) / 2 if improving else (probe + hi) / 2
     hi = max(hi, lo)
+    tracker.report(lo, hi, "done")
     bound: float | None = hi
     if options.partial_inference:
         # Partial inference only adds edges, so a placement's flow can exceed what this
@@ -458,14 +465,26 @@ def _dual_bound(result: mathopt.SolveResult) -> float | None:
 
 
 class _ProgressTracker:
-    """Reports the best flow and the bound as they improve."""
+    """Reports the best flow and the bound as they improve, and a heartbeat while a solve runs
+    (fed by the solver's log lines, so it costs nothing when nobody listens)."""
+
+    HEARTBEAT_S = 5.0
 
     def __init__(self, options: PlanOptions, started: float) -> None:
         self.callback = options.progress
         self.started = started
-        self.last: tuple[float, float | None] | None = None
+        self.best = 0.0
+        self.bound: float | None = None
+        self.activity = ""
+        self.last_report = started
 
-    def report(self, best: float, bound: float | None) -> None:
-        if self.callback is not None and (best, bound) != self.last:
-            self.last = (best, bound)
-            self.callback(Progress(time.monotonic() - self.started, best, bound))
+    def report(self, best: float, bound: float | None, activity: str = "") -> None:
+        self.best, self.bound, self.activity = best, bound, activity
+        if self.callback is not None:
+            self.last_report = time.monotonic()
+            self.callback(Progress(self.last_report - self.started, best, bound, activity))
+
+    def on_solver_log(self, lines: list[str]) -> None:
+        del lines  # the log's format differs per backend; only its rhythm is used
+        if self.callback is not None and time.monotonic() - self.last_report >= self.HEARTBEAT_S:
+            self.report(self.best, self.bound, self.activity)
