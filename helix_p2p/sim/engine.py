@@ -43,6 +43,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+from helix_p2p import planner
 from helix_p2p.cluster import SINK, SOURCE, Cluster, NodeId
 from helix_p2p.errors import HelixError
 from helix_p2p.plan import Plan, PlanError
@@ -399,10 +400,10 @@ class Simulator:
         if config.mode == "online":
             arrivals = config.arrivals
             if arrivals is None:
-                assert config.rate_tokens_per_s is not None
-                arrivals = tuple(
-                    online_arrivals(config.rate_tokens_per_s, config.duration_s, config.seed, config.lengths)
-                )
+                rate = config.rate_tokens_per_s
+                if rate is None:
+                    raise SimError("online mode needs a rate (tokens/s) or an explicit list of arrivals")
+                arrivals = tuple(online_arrivals(rate, config.duration_s, config.seed, config.lengths))
             for spec in arrivals:
                 if spec.prompt_tokens < 1 or spec.output_tokens < 1:
                     raise SimError(f"arrival {spec}: prompt and output must be at least one token")
@@ -410,7 +411,7 @@ class Simulator:
                     self._push(spec.arrival_s, _ARRIVAL, spec)
         if config.churn is not None:
             for event in config.churn.events:
-                self._push(event.time_s, _CHURN, event)
+                self._push(event.time_s, _CHURN, (config.churn, event))
         self._push(1.0, _TICK, None)
         self._feed()
         heap = self._heap
@@ -436,7 +437,7 @@ class Simulator:
             elif kind == _TICK:
                 self._tick()
             elif kind == _CHURN:
-                self._churn(payload)  # type: ignore[arg-type]
+                self._churn(*payload)  # type: ignore[misc]
             elif kind == _NODE_READY:
                 self._node_ready(*payload)  # type: ignore[misc]
         if not drain or self.now < end:
@@ -661,9 +662,10 @@ class Simulator:
     def _batch_seconds(self, node: _Node, batch: list[_Work], prompt_tokens: int, decode_seqs: int) -> float:
         profile = node.profile
         if not self.plan.partial_inference:
-            assert node.layers is not None
+            # Every request runs all the node's layers (only nodes holding layers start batches).
+            start, end = node.layers or (0, 0)
             per_layer = profile.prompt_layer_s(prompt_tokens) + profile.decode_layer_s(decode_seqs)
-            return (node.layers[1] - node.layers[0]) * per_layer
+            return (end - start) * per_layer
         # With partial inference a hop may run only the node's last layers: sum layer by layer
         # over the requests that need each one.
         delta: dict[int, list[int]] = {}
@@ -756,7 +758,7 @@ class Simulator:
 
     # ------------------------------------------------------------------ churn
 
-    def _churn(self, event: ChurnEvent) -> None:
+    def _churn(self, churn: ChurnSchedule, event: ChurnEvent) -> None:
         for node_id in event.leave:
             node = self.nodes[node_id]
             if not node.alive:
@@ -790,7 +792,7 @@ class Simulator:
         for req in lost:
             self._interrupt(req)
         what = ", ".join([f"{n} left" for n in event.leave] + [f"{n} joined" for n in event.join])
-        self._replan(what)
+        self._replan(churn, what)
         self._reroute(lost)
         self._feeding = self.config.mode == "offline"
         self._feed()
@@ -805,11 +807,7 @@ class Simulator:
             self.rerouted += 1
             self._handle(req, self.queue.offer(req, req.route_request, self.live, front=True))
 
-    def _replan(self, reason: str) -> None:
-        from helix_p2p.planner import PlanOptions, plan
-
-        churn = self.config.churn
-        assert churn is not None
+    def _replan(self, churn: ChurnSchedule, reason: str) -> None:
         method = churn.replan_method or self.plan.method
         present = [n for n in self.cluster.nodes if self.nodes[n.id].alive]
         ids = {n.id for n in present}
@@ -819,14 +817,14 @@ class Simulator:
             links=tuple(link for link in self.cluster.links if link.src in ids and link.dst in ids),
             coordinator=tuple(c for c in self.cluster.coordinator if c.node in ids),
         )
-        options = PlanOptions(
+        options = planner.PlanOptions(
             method=method,
             time_limit_s=churn.replan_time_limit_s,
             partial_inference=self.plan.partial_inference,
             seed=self.config.seed,
         )
         try:
-            new_plan = plan(sub, options, previous=self.plan)
+            new_plan = planner.plan(sub, options, previous=self.plan)
         except PlanError as e:
             new_plan = Plan(
                 self.cluster.name,
