@@ -22,6 +22,7 @@ from helix_p2p.shard import (
     LayerRangeError,
     MissingTensorError,
     ShardSpec,
+    ShardSpecError,
     StepRequest,
     UnsupportedModelError,
     bytes_per_layer,
@@ -161,8 +162,10 @@ def test_bad_device_dtype_and_attention_are_refused(tiny_model_dirs: dict[str, P
         load_shard(ShardSpec(path, 0, 1, dtype="int8"))
     with pytest.raises(UnsupportedModelError, match="flash_attention_2"):
         load_shard(ShardSpec(path, 0, 1, attn_implementation="flash_attention_2"))
-    with pytest.raises(BadStepError, match="max_chunk_tokens"):
+    with pytest.raises(ShardSpecError, match="max_chunk_tokens"):
         load_shard(ShardSpec(path, 0, 1, max_chunk_tokens=0))
+    with pytest.raises(ShardSpecError, match="idle_timeout_s"):
+        load_shard(ShardSpec(path, 0, 1, idle_timeout_s=0))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -122,6 +122,7 @@ def test_a_bad_request_stops_the_whole_batch_before_any_work(middle: Shard) -> N
             [StepRequest("good", hidden_states=hidden(1)), StepRequest("good", hidden_states=hidden(1))]
         )
     middle.validate(StepRequest("good", hidden_states=hidden(2)))  # the node's per-request check
+    assert middle.step_batch([]) == []
     with pytest.raises(BadStepError):
         middle.validate(StepRequest("bad", hidden_states=hidden(2, torch.bfloat16)))
 

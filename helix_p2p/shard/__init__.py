@@ -23,6 +23,7 @@ from helix_p2p.shard.errors import (
     SessionExistsError,
     SessionLengthError,
     ShardError,
+    ShardSpecError,
     UnknownSessionError,
     UnsupportedModelError,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "Shard",
     "ShardError",
     "ShardSpec",
+    "ShardSpecError",
     "StepRequest",
     "StepResult",
     "TinyModelSpec",

@@ -48,13 +48,20 @@ class LocalChain:
             shard.close_session(session_id)
 
     def step_batch(
-        self, inputs: Sequence[tuple[str, torch.Tensor]], *, return_logits: bool = False
+        self,
+        inputs: Sequence[tuple[str, torch.Tensor]],
+        *,
+        positions: Sequence[int | None] | None = None,
+        return_logits: bool = False,
     ) -> list[StepResult]:
-        """Feed each session's token ids [n] through every shard; the last shard's results."""
+        """Feed each session's token ids [n] through every shard; the last shard's results.
+        `positions` (one per input, None continues) rewinds sessions, as a replay does."""
+        where = list(positions) if positions is not None else [None] * len(inputs)
+        single = len(self.shards) == 1
         results = self.shards[0].step_batch(
             [
-                StepRequest(sid, token_ids=ids, return_logits=return_logits and len(self.shards) == 1)
-                for sid, ids in inputs
+                StepRequest(sid, token_ids=ids, position=pos, return_logits=return_logits and single)
+                for (sid, ids), pos in zip(inputs, where)
             ]
         )
         for i, shard in enumerate(self.shards[1:], start=1):
@@ -65,9 +72,10 @@ class LocalChain:
                     hidden_states=r.hidden_states,
                     # the head's shard is given the ids too, for the repetition penalty's history
                     token_ids=ids if last else None,
+                    position=pos,
                     return_logits=return_logits and last,
                 )
-                for r, (_, ids) in zip(results, inputs)
+                for r, (_, ids), pos in zip(results, inputs, where)
             ]
             results = shard.step_batch(requests)
         return results

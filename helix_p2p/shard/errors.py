@@ -30,6 +30,10 @@ class LayerRangeError(ShardError):
     """A layer range is empty or outside the model's layers."""
 
 
+class ShardSpecError(ShardError):
+    """A `ShardSpec` setting is out of range (chunk sizes, timeouts, KV cap)."""
+
+
 class DeviceError(ShardError):
     """The device or dtype asked for cannot be used on this machine (e.g. cuda:1 without CUDA)."""
 

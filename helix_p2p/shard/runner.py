@@ -37,6 +37,7 @@ from helix_p2p.shard.errors import (
     SessionClosedError,
     SessionExistsError,
     SessionLengthError,
+    ShardSpecError,
     UnknownSessionError,
 )
 from helix_p2p.shard.families import (
@@ -60,9 +61,6 @@ logger = logging.getLogger(__name__)
 
 SessionId = NewType("SessionId", str)
 
-#: a forward pads every row to its longest row; rows join a forward while the padded token count
-#: stays within this factor of the real token count (so a prompt does not drag 15 decodes to its length)
-PAD_SLACK = 1.25
 #: how many closed session ids are remembered, to say "closed" rather than "unknown"
 CLOSED_MEMORY = 4096
 
@@ -86,6 +84,9 @@ class ShardSpec:
     max_chunk_tokens: int = 512
     #: rows are packed into one forward up to this many (padded) tokens
     max_batch_tokens: int = 4096
+    #: a forward pads every row to its longest; rows join it while padded tokens stay within this
+    #: factor of real ones (so one prompt does not drag fifteen 1-token decodes to its length)
+    max_padding_ratio: float = 1.25
     #: a session untouched this long is closed and its KV freed
     idle_timeout_s: float = 300.0
 
@@ -295,7 +296,8 @@ class Shard:
         layers: tuple[int, int] | None = None,
     ) -> SessionInfo:
         """Reserve KV for `max_length` positions. `layers` (default: all held) is the sub-range this
-        session runs here, fixed for its life since its cache covers exactly those layers."""
+        session runs here, fixed for its life since its cache covers exactly those layers.
+        `sampling` applies where the session ends at the model's last layer (elsewhere nothing samples)."""
         with self._lock:
             self.expire_idle()
             if not isinstance(session_id, str) or not session_id:
@@ -405,6 +407,8 @@ class Shard:
     def step_batch(self, requests: Sequence[StepRequest]) -> list[StepResult]:
         """Run several sessions' steps together; results come back in the order of `requests`.
         Each session may appear once. If any request is bad, none runs."""
+        if not requests:
+            return []
         with self._lock, torch.inference_mode():
             self.expire_idle()
             sessions = []
@@ -513,8 +517,9 @@ class Shard:
         return results
 
     def _groups(self, work: list[_Work]) -> list[list[_Work]]:
-        """Pack rows into forwards: longest first, a row joins while padding stays within PAD_SLACK
-        and the forward within max_batch_tokens. Rows of different layer ranges never share one."""
+        """Pack rows into forwards: longest first, a row joins while padding stays within
+        max_padding_ratio and the forward within max_batch_tokens. Rows of different layer ranges
+        never share one."""
         groups: list[list[_Work]] = []
         by_range: dict[tuple[int, int], list[_Work]] = {}
         for w in work:
@@ -527,7 +532,8 @@ class Shard:
                 width = group[0].num_tokens if group else w.num_tokens
                 padded = (len(group) + 1) * width
                 if group and (
-                    padded > PAD_SLACK * (real + w.num_tokens) or padded > self.spec.max_batch_tokens
+                    padded > self.spec.max_padding_ratio * (real + w.num_tokens)
+                    or padded > self.spec.max_batch_tokens
                 ):
                     groups.append(group)
                     group, real = [], 0
@@ -657,7 +663,11 @@ def load_shard(spec: ShardSpec, *, clock: Callable[[], float] = time.monotonic) 
             f"{spec.model_path}: layers [{spec.start}, {spec.end}) are not a non-empty range of its {num_layers} layers"
         )
     if spec.max_chunk_tokens < 1 or spec.max_batch_tokens < spec.max_chunk_tokens:
-        raise BadStepError("max_chunk_tokens must be >= 1 and max_batch_tokens >= max_chunk_tokens")
+        raise ShardSpecError("max_chunk_tokens must be >= 1 and max_batch_tokens >= max_chunk_tokens")
+    if not spec.idle_timeout_s > 0 or (spec.max_kv_tokens is not None and spec.max_kv_tokens < 0):
+        raise ShardSpecError("idle_timeout_s must be > 0 and max_kv_tokens >= 0 (or None)")
+    if not spec.max_padding_ratio >= 1:
+        raise ShardSpecError(f"max_padding_ratio must be >= 1, got {spec.max_padding_ratio}")
 
     layers = nn.ModuleList()
     for index in range(spec.start, spec.end):

@@ -152,8 +152,8 @@ def make_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) 
     config = spec.config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config)
-    model = model.to(parse_dtype(spec.dtype))
+        # initialised directly in the stored dtype: a bf16 8B model never exists in fp32 here
+        model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(spec.dtype))
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar per tiny checkpoint is noise in tests and demos
     try:
