@@ -16,20 +16,27 @@ EXIT_USAGE = 2  # argparse's own code for bad arguments; we use it for bad input
 EXIT_FAILURE = 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `only` just that subcommand's: loading a subcommand's module can
+    be slow (the model-running ones pull in torch), and `helix plan` should not pay for it."""
     parser = argparse.ArgumentParser(
         prog="helix",
         description="Serve a large language model over a swarm of mixed GPUs, placed and routed by max-flow.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for ep in sorted(entry_points(group="helix_p2p.commands"), key=lambda e: e.name):
+    commands = sorted(entry_points(group="helix_p2p.commands"), key=lambda e: e.name)
+    if only is not None and any(ep.name == only for ep in commands):
+        commands = [ep for ep in commands if ep.name == only]
+    for ep in commands:
         ep.load()(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    named = [a for a in argv if not a.startswith("-")]
+    parser = build_parser(only=named[0] if named else None)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

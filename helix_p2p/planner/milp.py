@@ -406,8 +406,13 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     bound: float | None = hi
     if options.partial_inference:
         # Partial inference only adds edges, so a placement's flow can exceed what this
-        # boundary-matching model describes; we prove no bound for it.
+        # boundary-matching model describes; we prove no bound for it, and pick among the MILP's
+        # placement and the heuristics' (Petals' among them) by their flow with partial edges.
+        from helix_p2p.planner.heuristics import candidate_placements
+
         bound = None
+        pool = [best, *(p for p in candidate_placements(cluster, options, previous) if p)]
+        best = max(pool, key=lambda p: max_flow(cluster, p, partial_inference=True).value_tokens_per_s)
     details = {
         "backend": backend,
         "classes": len(classes),
