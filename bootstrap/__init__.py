@@ -1,1 +1,2 @@
-"""The bootstrap shell (filled in by its own issue)."""
+"""The bootstrap shell: `helix-bootstrap` (`cli`), a DHT peer with a persistent identity whose
+address never changes, the one address a swarm's volunteers need to join."""

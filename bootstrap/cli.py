@@ -1,0 +1,128 @@
+"""`helix-bootstrap`: the swarm's meeting point. A DHT peer with a persistent identity (created on
+first run, reused after, so with a fixed port its address never changes). It prints each address
+it can be reached at alone on its own line, then the `helix-node join` line to copy, and runs
+until SIGINT/SIGTERM (exit 0).
+
+Besides the DHT it answers link probes and reachability checks (nodes ask it to dial them back),
+and it relays for nodes behind NAT: it declares itself publicly reachable, which is what libp2p
+needs to offer circuit relay reservations."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from helix_p2p.errors import HelixError
+from helix_p2p.swarm.keys import DEFAULT_PREFIX, check_prefix
+
+EXIT_USAGE = 2
+DEFAULT_PORT = 31337
+
+logger = logging.getLogger("helix_p2p.bootstrap")
+
+
+def default_identity_path() -> Path:
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "helix-p2p" / "bootstrap.key"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="helix-bootstrap",
+        description="Start the swarm's bootstrap peer and print the address volunteers join with.",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})"
+    )
+    parser.add_argument(
+        "--identity",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"key file, created on first run and reused (default {default_identity_path()})",
+    )
+    parser.add_argument(
+        "--swarm", default=DEFAULT_PREFIX, metavar="PREFIX", help=f"swarm name (default {DEFAULT_PREFIX})"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return parser
+
+
+def join_line(maddrs: Sequence[str], swarm: str) -> str:
+    words = ["helix-node", "join", "--initial-peers", *maddrs, "--model", "PATH_OR_ID"]
+    if swarm != DEFAULT_PREFIX:
+        words += ["--swarm", swarm]
+    return " ".join(shlex.quote(w) if w != "PATH_OR_ID" else w for w in words)
+
+
+async def serve(host: str, port: int, identity_path: Path, swarm: str) -> int:
+    from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
+    from helix_p2p.swarm.identity import load_identity
+    from helix_p2p.swarm.probe import ProbeServer
+    from helix_p2p.swarm.reachability import ReachServer
+
+    identity = load_identity(identity_path)
+    options = NetworkOptions(host=host, port=port, force_reachability="public", use_auto_relay=False)
+    dht = await SwarmDHT.start(identity, swarm, (), options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await ProbeServer().register(dht.p2p)
+        await ReachServer().register(dht.p2p)
+        maddrs = await dht.visible_maddrs()
+        for maddr in maddrs:
+            print(maddr)
+        print()
+        print("Volunteers join with:")
+        print(join_line(maddrs, swarm))
+        sys.stdout.flush()
+        logger.info("bootstrap of swarm %r up as %s (identity %s)", swarm, identity.peer_id, identity.path)
+        await stop.wait()
+        logger.info("stopping")
+        return 0
+    finally:
+        await dht.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # asyncio warns when hivemind's p2p daemon exits after the loop closed (a failed join): noise
+    # after our one-line error, and nothing a user can act on.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    try:
+        if not 0 <= args.port <= 65535:
+            raise HelixError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+        check_prefix(args.swarm)
+        identity_path = (args.identity or default_identity_path()).expanduser()
+        if args.identity is None:
+            identity_path.parent.mkdir(parents=True, exist_ok=True)
+        elif not identity_path.parent.is_dir():  # checked before the slow hivemind import
+            raise HelixError(
+                f"cannot create identity {identity_path}: directory {identity_path.parent} does not exist"
+            )
+        return asyncio.run(serve(args.host, args.port, identity_path, args.swarm))
+    except HelixError as e:
+        print(f"helix-bootstrap: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

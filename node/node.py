@@ -1,0 +1,395 @@
+"""A volunteer node: joins the swarm, announces itself, measures its links, follows the plan of the
+elected planner (planning itself when elected), loads the layers it is given, and leaves cleanly.
+
+One asyncio loop runs it all (hivemind's DHT peer included); blocking work (loading layers,
+solving) runs in worker threads. Tasks:
+- announce: re-store the node's record every refresh period, and at once on any state change;
+- watch: read the registry and the plans, elect, follow the newest plan of the elected planner,
+  and, when elected, let the planner role act;
+- probe: measure RTT and bandwidth to a few peers (`helix_p2p.swarm.probing`);
+- layers: load what the followed plan assigns, make before break (`layers.LayerHost`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from dataclasses import replace
+
+from helix_p2p import __version__
+from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
+from helix_p2p.swarm.election import choose_plan, elect_planner
+from helix_p2p.swarm.identity import Identity
+from helix_p2p.swarm.probe import ProbeError, ProbeServer, measure_link
+from helix_p2p.swarm.probing import choose_probe_targets, links_to_announce, plan_neighbors
+from helix_p2p.swarm.reachability import ReachServer, ask_dial_back
+from helix_p2p.swarm.records import (
+    MAX_ADDR_CHARS,
+    MAX_ADDRS,
+    MAX_LINKS,
+    LinkMeasurement,
+    ModelInfo,
+    NodeRecord,
+    NodeState,
+    PlanRecord,
+    Reachability,
+)
+
+from .config import NodeConfig
+from .layers import LayerHost, LayerLoader
+from .planner_role import PlannerRole
+from .sessions import SessionGate
+from .state import derive_state
+
+logger = logging.getLogger(__name__)
+
+#: a NIC figure to announce before any link has been measured (1 Gbit/s)
+DEFAULT_NIC_BYTES_PER_S = 1.25e8
+
+
+class Node:
+    def __init__(
+        self,
+        config: NodeConfig,
+        identity: Identity,
+        model: ModelInfo,
+        tokens_per_s: tuple[float, ...],
+        max_layers: int,
+        gpu: str,
+        memory_bytes: int,
+        loader: LayerLoader,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.model = model
+        self.tokens_per_s = tokens_per_s
+        self.max_layers = max_layers
+        self.gpu = gpu
+        self.memory_bytes = memory_bytes
+        self.dht: SwarmDHT | None = None
+        self.layers = LayerHost(loader, on_change=self._changed)
+        self.sessions = SessionGate()
+        self.planner = PlannerRole(
+            identity,
+            model.id,
+            config.planner,
+            config.refresh_period_s,
+            publish=self._publish_plan,
+            follow=self._follow,
+        )
+        self.joined_at = time.time()
+        self.leaving = False
+        self.state = NodeState.JOINING
+        self.followed: PlanRecord | None = None
+        self.elected: str | None = None
+        self.records: dict[str, NodeRecord] = {}
+        self.measurements: dict[str, LinkMeasurement] = {}
+        self.last_probed: dict[str, float] = {}
+        self.reachability = Reachability.UNKNOWN
+        self.addrs: tuple[str, ...] = ()
+        self._announce_now = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._rng = random.Random(identity.peer_id)
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    # ------------------------------------------------------------------------------------- life
+
+    async def run(self) -> int:
+        """Join, serve until SIGINT/SIGTERM, leave. Returns the exit code (0)."""
+        c = self.config
+        options = NetworkOptions(
+            host=c.host,
+            port=c.port,
+            announce_addrs=c.announce_addrs,
+            client_mode=c.client_mode,
+            use_relay=c.use_relay,
+            use_auto_relay=c.use_auto_relay,
+            no_listen=c.no_listen,
+            force_reachability=c.force_reachability,
+            connect_timeout_s=c.connect_timeout_s,
+            rpc_timeout_s=c.rpc_timeout_s,
+            check_identity_free=c.identity is not None,
+        )
+        self._install_signal_handlers()
+        joining = asyncio.create_task(SwarmDHT.start(self.identity, c.swarm, c.initial_peers, options))
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait([joining, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not joining.done():
+            joining.cancel()
+            await asyncio.gather(joining, return_exceptions=True)
+            logger.info("stopped while joining")
+            return 0
+        stop.cancel()
+        self.dht = joining.result()
+        tasks: list[asyncio.Task] = []
+        try:
+            await ProbeServer().register(self.dht.p2p)
+            await ReachServer().register(self.dht.p2p)
+            self.addrs = await self._visible_addrs()
+            self.joined_at = time.time()
+            logger.info(
+                "joined swarm %r as %s (%s), model %s: %d layers max, %s",
+                c.swarm, self.peer_id, c.public_name or "no public name", self.model.id, self.max_layers,
+                ", ".join(self.addrs) or "no direct address",
+            )  # fmt: skip
+            await self._announce()
+            tasks = [
+                asyncio.create_task(self._announce_loop(), name="announce"),
+                asyncio.create_task(self._watch_loop(), name="watch"),
+                asyncio.create_task(self._probe_loop(), name="probe"),
+                asyncio.create_task(self._check_reachability(), name="reachability"),
+                asyncio.create_task(self.layers.run(), name="layers"),
+            ]
+            crashed: list[BaseException] = []
+
+            def watch(task: asyncio.Task) -> None:
+                if not task.cancelled() and task.exception() is not None:
+                    crashed.append(task.exception())
+                    self._stop.set()
+
+            for task in tasks:
+                task.add_done_callback(watch)
+            await self._stop.wait()
+            if crashed:
+                raise crashed[0]
+            # Quiet the loops first so that the "leaving" record is the last one this node writes.
+            for task in tasks:
+                if task.get_name() != "layers":
+                    task.cancel()
+            await asyncio.gather(*tasks[:-1], return_exceptions=True)
+            await self._leave()
+            return 0
+        finally:
+            self.planner.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.layers.close()
+            await self.dht.shutdown()
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():
+            logger.warning("second %s: leaving without waiting for sessions", sig.name)
+            self.config = replace(self.config, grace_s=0)
+            return
+        logger.info("%s: leaving the swarm", sig.name)
+        self._stop.set()
+
+    async def _leave(self) -> None:
+        self.leaving = True
+        self.planner.stop()
+        self.sessions.close()
+        self._update_state()
+        try:
+            await asyncio.wait_for(self._announce(), timeout=max(5.0, self.config.rpc_timeout_s * 2))
+        except asyncio.TimeoutError:
+            logger.warning(
+                "could not announce leaving in time; peers will drop this node when its record goes stale"
+            )
+        remaining = await self.sessions.drain(self.config.grace_s)
+        if remaining:
+            logger.warning(
+                "left with %d sessions still running after the %.0f s grace period",
+                remaining,
+                self.config.grace_s,
+            )
+        logger.info("left swarm %r", self.config.swarm)
+
+    async def _visible_addrs(self) -> tuple[str, ...]:
+        """Addresses for the record: relayed ones first (they are how a NATed node is reached)."""
+        addrs = [a for a in await self.dht.visible_maddrs() if len(a) <= MAX_ADDR_CHARS]
+        addrs.sort(key=lambda a: "p2p-circuit" not in a)
+        return tuple(addrs[:MAX_ADDRS])
+
+    # --------------------------------------------------------------------------------- announce
+
+    def record(self, now: float | None = None) -> NodeRecord:
+        now = time.time() if now is None else now
+        nic_in, nic_out = self._nic_bytes_per_s()
+        return NodeRecord(
+            peer_id=self.peer_id,
+            name=self.config.public_name,
+            version=__version__,
+            model=self.model,
+            gpu=self.gpu,
+            memory_bytes=self.memory_bytes,
+            max_layers=self.max_layers,
+            tokens_per_s=self.tokens_per_s[: self.max_layers],
+            nic_in_bytes_per_s=nic_in,
+            nic_out_bytes_per_s=nic_out,
+            links=links_to_announce(
+                self.measurements,
+                self.records,
+                now=now,
+                max_links=MAX_LINKS,
+                max_age_s=self.config.probe_max_age_s,
+                preferred=plan_neighbors(self.peer_id, self.followed),
+            ),
+            state=self.state,
+            layers=self.layers.served,
+            loading_layers=self.layers.loading,
+            free_kv_tokens=self.layers.free_kv_tokens(),
+            load=float(self.sessions.running),
+            joined_at=self.joined_at,
+            updated_at=now,
+            refresh_s=self.config.refresh_period_s,
+            reachability=self.reachability,
+            dht_client_mode=self.config.client_mode,
+            planner_eligible=self.config.planner_eligible and not self.leaving,
+            addrs=self.addrs,
+        )
+
+    def _nic_bytes_per_s(self) -> tuple[float, float]:
+        if self.config.nic_bytes_per_s is not None:
+            return self.config.nic_bytes_per_s, self.config.nic_bytes_per_s
+        if not self.measurements:
+            return DEFAULT_NIC_BYTES_PER_S, DEFAULT_NIC_BYTES_PER_S
+        # The fastest link seen is a lower bound on the NIC; unmeasured pairs are estimated from it.
+        return (
+            max(m.in_bytes_per_s for m in self.measurements.values()),
+            max(m.out_bytes_per_s for m in self.measurements.values()),
+        )
+
+    async def _announce(self) -> None:
+        record = self.record()
+        ok = await self.dht.announce(record, self.config.ttl_s)
+        if not ok:
+            logger.warning("no DHT peer accepted this node's record; retrying at the next refresh")
+
+    async def _announce_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._announce_now.wait(), timeout=self.config.refresh_period_s)
+            except asyncio.TimeoutError:
+                pass  # the periodic refresh
+            self._announce_now.clear()
+            await self._announce()
+
+    def _changed(self) -> None:
+        self._update_state()
+        self._announce_now.set()
+
+    def _update_state(self) -> None:
+        state = derive_state(
+            leaving=self.leaving,
+            serving=self.layers.served is not None,
+            loading=self.layers.loading is not None or self.layers.target not in (None, self.layers.served),
+            has_plan=self.followed is not None,
+        )
+        if state != self.state:
+            logger.info("state %s -> %s", self.state.value, state.value)
+            self.state = state
+            self._announce_now.set()
+
+    # ------------------------------------------------------------------------------------ watch
+
+    async def _watch_loop(self) -> None:
+        read_timeout_s = 4 * self.config.rpc_timeout_s + 5
+        while True:
+            try:
+                records, signed = await asyncio.wait_for(self.dht.read(), timeout=read_timeout_s)
+            except asyncio.TimeoutError:
+                logger.warning("reading the registry took over %.0f s; trying again", read_timeout_s)
+                continue
+            now = time.time()
+            records[self.peer_id] = self.record(now)  # we know we are alive, whatever the DHT says
+            self.records = records
+            plans = [p.record for p in signed]
+            elected = elect_planner(records, now, self.model.id)
+            if elected != self.elected:
+                logger.info("planner is now %s%s", elected, " (this node)" if elected == self.peer_id else "")
+                if self.elected == self.peer_id:
+                    self.planner.stop()
+                self.elected = elected
+            chosen = choose_plan(plans, elected, self.followed, self.model.id)
+            if chosen is not None and chosen != self.followed:
+                self._follow(chosen)
+            if elected == self.peer_id and not self.leaving:
+                self.planner.tick(records, plans, self.followed, now)
+            await asyncio.sleep(self.config.poll_s)
+
+    def _follow(self, plan: PlanRecord) -> None:
+        self.followed = plan
+        mine = plan.placement.get(self.peer_id)
+        logger.info(
+            "following plan epoch %d by %s: flow %.1f tokens/s over %d nodes; this node: %s",
+            plan.epoch, plan.planner, plan.objective_tokens_per_s, len(plan.placement),
+            f"layers [{mine[0]}, {mine[1]})" if mine else "no layers",
+        )  # fmt: skip
+        self.layers.set_target(mine)
+        self._update_state()
+
+    async def _publish_plan(self, plan) -> bool:
+        return await self.dht.publish_plan(plan, self.config.ttl_s)
+
+    # ------------------------------------------------------------------------------------ links
+
+    async def _probe_loop(self) -> None:
+        if self.config.probe_peers == 0:
+            return
+        await asyncio.sleep(self.config.refresh_period_s)  # let the first registry read land
+        while True:
+            now = time.time()
+            targets = choose_probe_targets(
+                self.record(now),
+                self.records,
+                self.followed,
+                self.last_probed,
+                k=self.config.probe_peers,
+                now=now,
+                max_age_s=self.config.probe_max_age_s,
+                rng=self._rng,
+            )
+            measured = 0
+            for peer in targets:
+                self.last_probed[peer] = time.time()
+                try:
+                    m = await measure_link(self.dht.p2p, peer, probe_bytes=self.config.probe_bytes)
+                except ProbeError as e:
+                    logger.info("link to %s not measured: %s", peer, e)
+                    continue
+                self.measurements[peer] = m
+                measured += 1
+                logger.info(
+                    "link to %s: rtt %.1f ms, out %.1f MB/s, in %.1f MB/s",
+                    peer, m.rtt_s * 1e3, m.out_bytes_per_s / 1e6, m.in_bytes_per_s / 1e6,
+                )  # fmt: skip
+            if measured:
+                self._announce_now.set()
+            await asyncio.sleep(self.config.probe_period_s)
+
+    async def _check_reachability(self) -> None:
+        """Ask an initial peer to dial back: directly reachable, or only through a relay?"""
+        if self.config.no_listen or self.config.force_reachability == "private":
+            self.reachability = Reachability.RELAY if self.config.use_relay else Reachability.UNKNOWN
+        else:
+            helper = self.config.initial_peers[0].rsplit("/p2p/", 1)[-1]
+            result = await ask_dial_back(self.dht.p2p, helper, list(self.addrs))
+            if result.answered:
+                direct = result.reachable
+                self.reachability = (
+                    Reachability.DIRECT
+                    if direct
+                    else (Reachability.RELAY if self.config.use_relay else Reachability.UNKNOWN)
+                )
+            logger.info("reachability: %s (%s)", self.reachability.value, result.detail)
+        self._announce_now.set()
+        # A relay reservation shows up as a /p2p-circuit address some seconds after joining.
+        while self.reachability == Reachability.RELAY and not any("p2p-circuit" in a for a in self.addrs):
+            await asyncio.sleep(self.config.refresh_period_s)
+            self.addrs = await self._visible_addrs()
+            if any("p2p-circuit" in a for a in self.addrs):
+                logger.info(
+                    "reachable through a relay at %s", ", ".join(a for a in self.addrs if "p2p-circuit" in a)
+                )
+                self._announce_now.set()
