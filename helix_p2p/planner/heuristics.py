@@ -66,6 +66,7 @@ def candidate_placements(cluster: Cluster, options: PlanOptions, previous: Plan 
         *(pipeline_partitions(cluster) if len(cluster.nodes) <= 64 else []),
         stage_placement(cluster, list(cluster.nodes)),
         regional_stage_placement(cluster),
+        *equal_stage_placements(cluster),
     ]
     if previous is not None:
         kept = {n: r for n, r in previous.placement.items() if n in cluster.node_by_id}
@@ -160,3 +161,30 @@ def regional_stage_placement(cluster: Cluster) -> Placement:
     for members in regions.values():
         placement.update(stage_placement(cluster, members))
     return placement
+
+
+def equal_stage_placements(cluster: Cluster) -> list[Placement]:
+    """Swarm's shape done well: for each stage length k, cut the model into stages of k layers
+    (the last one shorter) and deal the nodes that can hold k layers to stages, strongest first,
+    each to the stage with the least capacity so far (longest-processing-time balancing). When
+    per-layer throughput k * T(k) falls with k and there are more nodes than layers, k = 1 is a
+    bin covering of the nodes into layers, which loses at most one small node per layer."""
+    num_layers = cluster.model.num_layers
+    act = cluster.model.activation_bytes
+    out = []
+    longest = max(min(n.max_layers, num_layers) for n in cluster.nodes)
+    for k in range(1, longest + 1):
+        stages = [(s, min(num_layers, s + k)) for s in range(0, num_layers, k)]
+        able = [n for n in cluster.nodes if n.max_layers >= k]
+        if len(able) < len(stages):
+            continue
+        able.sort(key=lambda n: -n.capacity_tokens_per_s(k, act))
+        load = [0.0] * len(stages)
+        placement: Placement = {}
+        for node in able:
+            i = min(range(len(stages)), key=lambda j: (load[j], j))
+            start, end = stages[i]
+            load[i] += node.capacity_tokens_per_s(end - start, act)
+            placement[node.id] = stages[i]
+        out.append(placement)
+    return out
