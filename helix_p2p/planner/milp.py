@@ -45,7 +45,7 @@ from ortools.math_opt.python import mathopt
 from helix_p2p.cluster import Cluster, NodeId
 from helix_p2p.flow import max_flow
 from helix_p2p.plan import Placement, Plan, PlanError
-from helix_p2p.planner.classes import NodeClass, class_links, free_blocks, node_classes
+from helix_p2p.planner.classes import ClassLink, NodeClass, class_links, free_blocks, node_classes
 from helix_p2p.planner.core import BACKEND_NAMES, PlanOptions, Progress, plan_from_placement
 
 BACKENDS = dict(zip(BACKEND_NAMES, (mathopt.SolverType.GSCIP, mathopt.SolverType.HIGHS, mathopt.SolverType.CP_SAT)))
@@ -86,7 +86,11 @@ def range_capacity(cls: NodeClass, start: int, k: int, num_layers: int) -> float
 
 
 def build_model(
-    cluster: Cluster, classes: list[NodeClass], mode: str = "full", cap_tokens_per_s: float | None = None
+    cluster: Cluster,
+    classes: list[NodeClass],
+    mode: str = "full",
+    cap_tokens_per_s: float | None = None,
+    links: dict[tuple[int, int], ClassLink] | None = None,
 ) -> ClassModel:
     """The model above. `mode` says how flow between blocks is modelled:
     - "full": bounded per class pair as derived above;
@@ -95,7 +99,7 @@ def build_model(
     - "relaxed": links ignored, all blocks one (a relaxation: its refutations are proofs, its
       solutions may not be real), to prove bounds fast."""
     num_layers = cluster.model.num_layers
-    links = class_links(cluster, classes)
+    links = class_links(cluster, classes) if links is None else links
     model = mathopt.Model(name=f"helix-{cluster.name}")
     y: dict[tuple[int, int, int], mathopt.Variable] = {}
     h: dict[tuple[int, int, int], mathopt.Variable] = {}
@@ -287,12 +291,13 @@ def _attempt(
     mode: str = "full",
     exactly: bool = False,
     on_log=None,
+    links: dict[tuple[int, int], ClassLink] | None = None,
 ) -> _Attempt:
     """With `exactly`, ask for flow == target rather than >= target: equivalent for deciding
     whether the target is reachable (a flow scales down), and then no node carries more than
     the target, which tightens (2) to h <= min(u, target) * y."""
     started = time.monotonic()
-    cm = build_model(cluster, classes, mode, cap_tokens_per_s=target if exactly else None)
+    cm = build_model(cluster, classes, mode, cap_tokens_per_s=target if exactly else None, links=links)
     if exactly:
         cm.model.add_linear_constraint(cm.flow == target)
     else:
@@ -348,6 +353,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         raise PlanError(f"unknown MILP backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
     backend = options.backend
     classes = node_classes(cluster)
+    links = class_links(cluster, classes)
     previous_placement = dict(previous.placement) if previous else None
     best = best_heuristic_placement(cluster, options, previous)
     lo = max_flow(cluster, best).value_tokens_per_s
@@ -359,10 +365,13 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     tracker.report(lo, hi, "heuristics done")
     tolerance = 1e-6
     target = None  # None: search just above the best flow; else bisect the bound here
-    while hi - lo > tolerance * hi and (remaining := deadline - time.monotonic()) > 1.0:
+    # Solvers overrun short time limits on big models (presolve does not look at the clock), so
+    # the worst overrun seen so far is kept back from every later budget.
+    overrun_s = 0.0
+    while hi - lo > tolerance * hi and (remaining := deadline - time.monotonic()) > 1.0 + overrun_s:
         improving = target is None
         probe = lo * (1 + tolerance) if improving else target
-        budget = remaining * (0.6 if not attempts else 0.5)
+        budget = (remaining - overrun_s) * (0.6 if not attempts else 0.5)
         activity = f"searching above {lo:.2f}" if improving else f"testing whether {probe:.2f} is reachable"
         tracker.report(lo, hi, activity)
         # Search for better placements in the exact restriction when the best one fits it; decide
@@ -377,11 +386,13 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             time.monotonic() + budget,
             options,
             previous_placement,
-            mode=_search_mode(cluster, classes, best) if improving else "relaxed",
+            mode=_search_mode(cluster, classes, best, links) if improving else "relaxed",
             exactly=not improving,
             on_log=tracker.on_solver_log,
+            links=links,
         )
         attempts.append(attempt)
+        overrun_s = max(overrun_s, attempt.seconds - budget)
         improved = False
         if attempt.placement is not None:
             flow = max_flow(cluster, attempt.placement).value_tokens_per_s
@@ -416,7 +427,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     details = {
         "backend": backend,
         "classes": len(classes),
-        "blocks": len(free_blocks(classes, class_links(cluster, classes))),
+        "blocks": len(free_blocks(classes, links)),
         "warm_start_tokens_per_s": warm_flow,
         "source_of_best": origin,
         "solves": [
@@ -439,11 +450,12 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
 FULL_MODEL_MAX_PAIR_VARIABLES = 5000
 
 
-def _search_mode(cluster: Cluster, classes: list[NodeClass], best: Placement) -> str:
+def _search_mode(
+    cluster: Cluster, classes: list[NodeClass], best: Placement, links: dict[tuple[int, int], ClassLink]
+) -> str:
     """The model to search for better placements in: the full one while it is small, else the
     restriction to flow inside blocks (when the best placement so far is one of its solutions, so
     the solver starts from it)."""
-    links = class_links(cluster, classes)
     blocks = free_blocks(classes, links)
     if len(blocks) == 1:
         return "full"
@@ -451,12 +463,14 @@ def _search_mode(cluster: Cluster, classes: list[NodeClass], best: Placement) ->
     pairs = sum(1 for (a, b) in links if block_of[a] != block_of[b])
     if pairs * cluster.model.num_layers <= FULL_MODEL_MAX_PAIR_VARIABLES:
         return "full"
-    return "restricted" if _within_blocks(cluster, classes, best) else "full"
+    return "restricted" if _within_blocks(cluster, classes, best, links) else "full"
 
 
-def _within_blocks(cluster: Cluster, classes: list[NodeClass], placement: Placement) -> bool:
+def _within_blocks(
+    cluster: Cluster, classes: list[NodeClass], placement: Placement, links: dict[tuple[int, int], ClassLink]
+) -> bool:
     """Whether the placement's max flow uses no edge between two blocks."""
-    blocks = free_blocks(classes, class_links(cluster, classes))
+    blocks = free_blocks(classes, links)
     block_of = {m: x for x, block in enumerate(blocks) for c in block for m in classes[c].members}
     flows = max_flow(cluster, placement).flows
     return all(
