@@ -45,6 +45,7 @@ from ortools.math_opt.python import mathopt
 from helix_p2p.cluster import Cluster, NodeId
 from helix_p2p.flow import max_flow
 from helix_p2p.plan import Placement, Plan, PlanError
+from helix_p2p.planner.bounds import counting_bound
 from helix_p2p.planner.classes import ClassLink, NodeClass, class_links, free_blocks, node_classes
 from helix_p2p.planner.core import BACKEND_NAMES, PlanOptions, Progress, plan_from_placement
 
@@ -357,7 +358,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     previous_placement = dict(previous.placement) if previous else None
     best = best_heuristic_placement(cluster, options, previous)
     lo = max_flow(cluster, best).value_tokens_per_s
-    hi = cluster.compute_upper_bound_tokens_per_s()
+    hi = counting_bound(classes, cluster.model.num_layers, cluster.compute_upper_bound_tokens_per_s())
     origin = "heuristic"
     warm_flow = lo
     attempts: list[_Attempt] = []
