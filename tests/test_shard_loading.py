@@ -221,6 +221,8 @@ def test_max_layers_for_budget(tiny_model_dirs: dict[str, Path]) -> None:
     assert max_layers_for_budget(config, "fp32", 3 * layer - 1) == 2
     assert max_layers_for_budget(config, "fp32", 10**12) == 5  # never more than the model has
     assert max_layers_for_budget(config, "fp32", 2 * (layer + 100 * kv), kv_tokens_per_layer=100) == 2
+    assert max_layers_for_budget(config, "fp32", 3 * layer + 5000, kv_reserve_bytes=5000) == 3
+    assert max_layers_for_budget(config, "fp32", 3 * layer + 5000, kv_reserve_bytes=5001) == 2
     fixed = embedding_bytes(config, "fp32") + head_bytes(config, "fp32")
     assert (
         max_layers_for_budget(config, "fp32", fixed + layer, include_embedding=True, include_head=True) == 1

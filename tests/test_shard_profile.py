@@ -6,6 +6,7 @@ tests do not depend on which other subcommands are installed."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,9 +30,10 @@ from helix_p2p.shard.profile import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-#: 10 MB: a tiny model gets several layers and typical batches of a few sessions, so a profile
-#: takes about a second
+#: 10 MB: a tiny model gets all its layers and typical batches of a few sessions; with batches
+#: capped at 4 sessions, a profile takes about a second
 SMALL_GB = 0.01
+FAST = ProfileOptions(max_memory_bytes=SMALL_GB * 1e9, repeats=1, max_batch_sessions=4)
 
 
 def helix(*argv: str) -> int:
@@ -88,7 +90,7 @@ def test_profile_prints_a_cluster_node_and_caches_it(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ("profile", "--model", str(model_dir), "--device", "cpu", "--max-memory", str(SMALL_GB),
-            "--cache-dir", str(tmp_path), "--id", "node-7", "--region", "eu")  # fmt: skip
+            "--max-batch-sessions", "4", "--cache-dir", str(tmp_path), "--id", "node-7", "--region", "eu")  # fmt: skip
     assert helix(*argv) == 0
     out, err = capsys.readouterr()
     node = json.loads(out)
@@ -123,12 +125,12 @@ def test_profile_prints_a_cluster_node_and_caches_it(
 
 
 def test_profile_cache_key_follows_model_device_memory_and_version(model_dir: Path, tmp_path: Path) -> None:
-    options = ProfileOptions(max_memory_bytes=SMALL_GB * 1e9, repeats=1)
+    options = FAST
     first, cached = cached_profile(str(model_dir), "cpu", options, directory=tmp_path)
     assert not cached
     again, cached = cached_profile(str(model_dir), "cpu", options, directory=tmp_path)
     assert cached and again == first
-    other_memory = ProfileOptions(max_memory_bytes=2 * SMALL_GB * 1e9, repeats=1)
+    other_memory = dataclasses.replace(FAST, max_memory_bytes=2 * SMALL_GB * 1e9)
     _, cached = cached_profile(str(model_dir), "cpu", other_memory, directory=tmp_path)
     assert not cached
     # a different software version makes a different key: stored profiles are not reused
@@ -148,6 +150,8 @@ def test_profile_errors_are_named(model_dir: Path, tmp_path: Path) -> None:
         helix("profile", "--model", str(model_dir), "--max-memory", "0.00001", "--cache-dir", str(tmp_path))
     with pytest.raises(ProfileError, match="must be > 0"):
         helix("profile", "--model", str(model_dir), "--max-memory", "-1", "--cache-dir", str(tmp_path))
+    with pytest.raises(ProfileError, match="max_batch_sessions"):
+        cached_profile(str(model_dir), "cpu", ProfileOptions(max_batch_sessions=0), directory=tmp_path)
     with pytest.raises(ProfileError, match="kv_fraction"):
         cached_profile(str(model_dir), "cpu", ProfileOptions(kv_fraction=1.0), directory=tmp_path)
     with pytest.raises(HelixError, match="no such checkpoint"):

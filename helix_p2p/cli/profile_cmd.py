@@ -1,7 +1,7 @@
 """`helix profile`: measure this machine's tokens_per_s table for a model, as a node announces it.
 
     helix profile --model PATH [--device D] [--max-memory GB] [--dtype D] [--kv-fraction F]
-                  [--id ID] [--region R] [--nic-in-bytes-per-s B] [--nic-out-bytes-per-s B]
+                  [--max-batch-sessions N] [--id ID] [--region R] [--nic-in-bytes-per-s B] [--nic-out-bytes-per-s B]
                   [--refresh] [--cache-dir DIR] [--full]
 
 Prints the node in `helix-cluster/1` form (JSON) on stdout; a progress bar on a terminal. The
@@ -54,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.5,
         help="share of the memory kept for KV cache when choosing max_layers (default 0.5, as Helix)",
     )
+    p.add_argument(
+        "--max-batch-sessions",
+        type=int,
+        metavar="N",
+        help="most concurrent sessions in a batch (default 256 on CUDA, 64 on CPU)",
+    )
     p.add_argument("--id", default=socket.gethostname(), help="node id in the output (default: host name)")
     p.add_argument("--region", default="default", help="region in the output (default: default)")
     p.add_argument(
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_memory_bytes=args.max_memory * 1e9 if args.max_memory is not None else None,
         kv_fraction=args.kv_fraction,
+        max_batch_sessions=args.max_batch_sessions,
     )
     bar = tqdm(total=None, desc="profiling", unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
 

@@ -1,6 +1,8 @@
 """Model shards: layers [start, end) of a Hugging Face causal LM, run exactly as the whole model
 runs them, for many sessions at once (`Shard`), plus what a node needs around them: memory
-accounting from the config, a device profiler, and a tiny-model maker for tests.
+accounting from the config (`memory`), a device profiler (`profile`), and a tiny-model maker for
+tests and demos (`tiny`). One module per idea: `families` (which transformers classes), `loading`
+(safetensors range reads), `kv_cache`, `runner`, `sampling`, `chain` (shards in one process).
 
     shard = load_shard(ShardSpec("path/to/model", start=0, end=8))
     shard.open_session("s1", max_length=1024)
@@ -40,6 +42,13 @@ from helix_p2p.shard.memory import (
     parse_dtype,
     shard_weight_bytes,
 )
+from helix_p2p.shard.profile import (
+    DeviceProfile,
+    ProfileError,
+    ProfileOptions,
+    cached_profile,
+    profile_device,
+)
 from helix_p2p.shard.runner import (
     SessionId,
     SessionInfo,
@@ -60,11 +69,14 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "DeviceError",
+    "DeviceProfile",
     "KVCapacityError",
     "LayerRangeError",
     "LayersNotHeldError",
     "LocalChain",
     "MissingTensorError",
+    "ProfileError",
+    "ProfileOptions",
     "SamplingError",
     "SamplingParams",
     "SessionClosedError",
@@ -83,6 +95,7 @@ __all__ = [
     "UnknownSessionError",
     "UnsupportedModelError",
     "bytes_per_layer",
+    "cached_profile",
     "dtype_bytes",
     "embedding_bytes",
     "head_bytes",
@@ -93,6 +106,7 @@ __all__ = [
     "model_shape",
     "open_checkpoint",
     "parse_dtype",
+    "profile_device",
     "resolve_device",
     "shard_weight_bytes",
 ]

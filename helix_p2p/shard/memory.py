@@ -86,12 +86,16 @@ def max_layers_for_budget(
     dtype: str | torch.dtype,
     memory_bytes: float,
     *,
+    kv_reserve_bytes: float = 0,
     kv_tokens_per_layer: int = 0,
     include_embedding: bool = False,
     include_head: bool = False,
 ) -> int:
-    """The most layers (0 .. num_layers) whose weights, plus `kv_tokens_per_layer` tokens of KV
-    cache for each of them, plus the embedding and head if asked, fit in `memory_bytes`."""
+    """The most layers (0 .. num_layers) that fit in `memory_bytes` once `kv_reserve_bytes` are set
+    aside for the KV cache: their weights, `kv_tokens_per_layer` tokens of KV cache for each of
+    them (a per-layer reservation, for callers who size KV in tokens), and the embedding and head
+    if asked."""
+    memory_bytes -= kv_reserve_bytes
     fixed = 0
     if include_embedding:
         fixed += embedding_bytes(config, dtype)

@@ -322,6 +322,8 @@ def _plan(model_path: str, device: str | None, options: ProfileOptions) -> dict[
         raise ProfileError(f"kv_fraction must be in [0, 1), got {options.kv_fraction}")
     if options.repeats < 1:
         raise ProfileError(f"repeats must be >= 1, got {options.repeats}")
+    if options.max_batch_sessions is not None and options.max_batch_sessions < 1:
+        raise ProfileError(f"max_batch_sessions must be >= 1, got {options.max_batch_sessions}")
     max_layers = max_layers_for_budget(
         config, dtype, (1 - options.kv_fraction) * memory, include_embedding=True, include_head=True
     )
