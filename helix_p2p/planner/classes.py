@@ -119,9 +119,41 @@ def free_blocks(classes: list[NodeClass], links: dict[tuple[int, int], ClassLink
     blocks: list[list[int]] = []
     for c in range(len(classes)):
         for block in blocks:
-            if free(c, c) and all(free(c, other) and free(other, c) for other in block):
+            # A class whose own members are not all free pairs joins no one and takes no one.
+            if free(c, c) and all(free(o, o) and free(c, o) and free(o, c) for o in block):
                 block.append(c)
                 break
         else:
             blocks.append([c])
     return blocks
+
+
+def split_for_exactness(
+    cluster: Cluster, classes: list[NodeClass], max_nodes: int
+) -> tuple[list[NodeClass], dict[tuple[int, int], ClassLink]]:
+    """Split into one-member classes every class that takes part in a bounded link pair (between
+    blocks, or with itself), so that the MILP's McCormick link bounds become exact. Splitting
+    costs symmetry, so it stops once the split classes would hold more than `max_nodes` nodes."""
+    links = class_links(cluster, classes)
+    blocks = free_blocks(classes, links)
+    block_of = {c: x for x, block in enumerate(blocks) for c in block}
+    bounded = {
+        c
+        for (a, b), link in links.items()
+        if not link.free and (block_of[a] != block_of[b] or a == b)
+        for c in (a, b)
+        if classes[c].count > 1
+    }
+    if not bounded or sum(classes[c].count for c in bounded) > max_nodes:
+        return classes, links
+    split: list[NodeClass] = []
+    for c, cls in enumerate(classes):
+        if c not in bounded:
+            split.append(cls)
+            continue
+        for member in cls.members:
+            split.append(
+                NodeClass(f"{cls.name}/{member}", (member,), cls.capacity_tokens_per_s,
+                          cls.source_tokens_per_s, cls.sink_tokens_per_s)
+            )
+    return split, class_links(cluster, split)

@@ -36,6 +36,7 @@ be optimistic but the plan's never is."""
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -46,12 +47,14 @@ from helix_p2p.cluster import Cluster, NodeId
 from helix_p2p.flow import max_flow
 from helix_p2p.plan import Placement, Plan, PlanError
 from helix_p2p.planner.bounds import counting_bound
-from helix_p2p.planner.classes import ClassLink, NodeClass, class_links, free_blocks, node_classes
+from helix_p2p.planner.classes import ClassLink, NodeClass, class_links, free_blocks, node_classes, split_for_exactness
 from helix_p2p.planner.core import BACKEND_NAMES, PlanOptions, Progress, plan_from_placement
 
 BACKENDS = dict(zip(BACKEND_NAMES, (mathopt.SolverType.GSCIP, mathopt.SolverType.HIGHS, mathopt.SolverType.CP_SAT)))
 
 Range = tuple[int, int]  # (start, k)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -315,9 +318,15 @@ def _attempt(
     model_params = None
     if hint is not None and backend != "highs":  # HiGHS through MathOpt takes no hints
         model_params = mathopt.ModelSolveParameters(solution_hints=[hint_for(cm, cluster, hint)])
-    result = mathopt.solve(
-        cm.model, BACKENDS[backend], params=params, model_params=model_params, msg_cb=on_log
-    )
+    try:
+        result = mathopt.solve(
+            cm.model, BACKENDS[backend], params=params, model_params=model_params, msg_cb=on_log
+        )
+    except Exception as e:  # noqa: BLE001 - OR-Tools raises internal status errors of its own types
+        # A solver failing on one probe is no reason to lose the plan: the loop keeps the best
+        # placement and bound so far and treats this probe as undecided.
+        log.warning("%s failed on target %.4f: %s", backend, target, e)
+        return _Attempt(target, cm.refutes, False, None, None, f"ERROR: {e}", time.monotonic() - started)
     reason = result.termination.reason
     placement = None
     if result.has_primal_feasible_solution():
@@ -353,8 +362,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     if options.backend not in BACKENDS:
         raise PlanError(f"unknown MILP backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
     backend = options.backend
-    classes = node_classes(cluster)
-    links = class_links(cluster, classes)
+    classes, links = split_for_exactness(cluster, node_classes(cluster), EXACT_SPLIT_MAX_NODES)
     previous_placement = dict(previous.placement) if previous else None
     best = best_heuristic_placement(cluster, options, previous)
     lo = max_flow(cluster, best).value_tokens_per_s
@@ -369,9 +377,10 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     # Solvers overrun short time limits on big models (presolve does not look at the clock), so
     # the worst overrun seen so far is kept back from every later budget.
     overrun_s = 0.0
-    while hi - lo > tolerance * hi and (remaining := deadline - time.monotonic()) > 1.0 + overrun_s:
+    while hi - lo > max(tolerance * hi, 1e-9) and (remaining := deadline - time.monotonic()) > 1.0 + overrun_s:
         improving = target is None
-        probe = lo * (1 + tolerance) if improving else target
+        # any positive flow beats none: with nothing found yet, ask for a sliver of the bound
+        probe = (lo * (1 + tolerance) if lo > 0 else hi * tolerance) if improving else target
         budget = (remaining - overrun_s) * (0.6 if not attempts else 0.5)
         activity = f"searching above {lo:.2f}" if improving else f"testing whether {probe:.2f} is reachable"
         tracker.report(lo, hi, activity)
@@ -387,7 +396,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             time.monotonic() + budget,
             options,
             previous_placement,
-            mode=_search_mode(cluster, classes, best, links) if improving else "relaxed",
+            mode=_search_mode(cluster, classes, best, links) if improving else _bound_mode(cluster, classes, links),
             exactly=not improving,
             on_log=tracker.on_solver_log,
             links=links,
@@ -414,6 +423,10 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             # Neither found nor refuted in time: probe nearer the bound, where refuting is easier.
             target = (lo + hi) / 2 if improving else (probe + hi) / 2
     hi = max(hi, lo)
+    if previous_placement:
+        # Members of a class are interchangeable: give each range to a node that held it before,
+        # whichever method found the placement, so re-planning moves as few layers as it can.
+        best = counts_to_placement(classes, placement_to_counts(classes, best), previous_placement)
     tracker.report(lo, hi, "done")
     bound: float | None = hi
     if options.partial_inference:
@@ -449,6 +462,20 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
 
 #: Above this many (class pair, boundary) link variables the full model is too slow to search in.
 FULL_MODEL_MAX_PAIR_VARIABLES = 5000
+#: Classes in bounded link pairs are split into single nodes (exact model) up to this many nodes.
+EXACT_SPLIT_MAX_NODES = 48
+
+
+def _bound_mode(cluster: Cluster, classes: list[NodeClass], links: dict[tuple[int, int], ClassLink]) -> str:
+    """The model to refute targets in: the full one while small (it sees slow links), else the
+    relaxation that ignores links (fast)."""
+    return "full" if _pair_variables(cluster, classes, links) <= FULL_MODEL_MAX_PAIR_VARIABLES else "relaxed"
+
+
+def _pair_variables(cluster: Cluster, classes: list[NodeClass], links: dict[tuple[int, int], ClassLink]) -> int:
+    blocks = free_blocks(classes, links)
+    block_of = {c: x for x, block in enumerate(blocks) for c in block}
+    return sum(1 for (a, b) in links if block_of[a] != block_of[b]) * cluster.model.num_layers
 
 
 def _search_mode(
@@ -457,12 +484,7 @@ def _search_mode(
     """The model to search for better placements in: the full one while it is small, else the
     restriction to flow inside blocks (when the best placement so far is one of its solutions, so
     the solver starts from it)."""
-    blocks = free_blocks(classes, links)
-    if len(blocks) == 1:
-        return "full"
-    block_of = {c: x for x, block in enumerate(blocks) for c in block}
-    pairs = sum(1 for (a, b) in links if block_of[a] != block_of[b])
-    if pairs * cluster.model.num_layers <= FULL_MODEL_MAX_PAIR_VARIABLES:
+    if _pair_variables(cluster, classes, links) <= FULL_MODEL_MAX_PAIR_VARIABLES:
         return "full"
     return "restricted" if _within_blocks(cluster, classes, best, links) else "full"
 
