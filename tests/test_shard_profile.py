@@ -76,6 +76,28 @@ def test_make_model_writes_a_checkpoint_everything_loads_offline(model_dir: Path
     assert chain.generate(ids, 5) == expected[0, len(ids) :].tolist()
 
 
+def test_cli_choices_match_the_library_and_registering_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    from helix_p2p.shard.families import FAMILIES
+    from helix_p2p.shard.memory import DTYPES
+    from helix_p2p.shard.profile import DEFAULT_NIC_BYTES_PER_S
+
+    assert make_model_cmd.FAMILY_CHOICES == tuple(sorted(FAMILIES))
+    assert set(make_model_cmd.DTYPE_CHOICES) == set(DTYPES)
+    assert profile_cmd.DEFAULT_NIC_BYTES_PER_S == DEFAULT_NIC_BYTES_PER_S
+    code = (
+        "import argparse, sys; from helix_p2p.cli import make_model_cmd, profile_cmd;"
+        "s = argparse.ArgumentParser().add_subparsers(); make_model_cmd.register(s); profile_cmd.register(s);"
+        "print('torch' in sys.modules)"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        == "False\n"
+    )
+
+
 def test_make_model_refuses_bad_shapes(tmp_path: Path) -> None:
     for argv, words in [
         (("--hidden", "30"), "must divide"),

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from helix_p2p.shard.families import FAMILIES
-from helix_p2p.shard.memory import DTYPES
-from helix_p2p.shard.tiny import TinyModelSpec, make_tiny_model
+# Spelled out rather than imported: importing the shard package loads torch and transformers,
+# which would slow every `helix` command down (all subcommands register at start).
+FAMILY_CHOICES = ("llama", "mistral", "qwen2")
+DTYPE_CHOICES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "byte-level BPE tokenizer) that loads with from_pretrained and needs no download.",
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
-    p.add_argument("--family", choices=sorted(FAMILIES), default="llama", help="model family (default llama)")
+    p.add_argument("--family", choices=FAMILY_CHOICES, default="llama", help="model family (default llama)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
@@ -41,9 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-positions", type=int, default=2048, help="max_position_embeddings (default 2048)")
     p.add_argument("--init-std", type=float, default=0.02, help="std of the random weights (default 0.02)")
-    p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float32", help="stored dtype (default float32)"
-    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="stored dtype (default float32)")
     p.add_argument(
         "--max-shard-size", metavar="SIZE", help='split the weights into files of SIZE (e.g. "2GB")'
     )
@@ -52,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from helix_p2p.shard.tiny import TinyModelSpec, make_tiny_model
+
     spec = TinyModelSpec(
         family=args.family,
         num_layers=args.layers,

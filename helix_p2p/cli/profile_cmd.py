@@ -17,17 +17,11 @@ import socket
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from helix_p2p.cli.make_model_cmd import DTYPE_CHOICES
 
-from helix_p2p.shard.memory import DTYPES
-from helix_p2p.shard.profile import (
-    DEFAULT_NIC_BYTES_PER_S,
-    ProfileError,
-    ProfileOptions,
-    cached_profile,
-    default_device,
-    node_form,
-)
+#: the profile's default NIC figure (helix_p2p.shard.profile.DEFAULT_NIC_BYTES_PER_S), spelled out
+#: here so that registering the command does not import torch
+DEFAULT_NIC_BYTES_PER_S = 1.25e9
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,14 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", required=True, metavar="PATH", help="checkpoint directory (or hub id with a network)"
     )
-    p.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {default_device()})")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:0 where CUDA is available, else cpu)")
     p.add_argument(
         "--max-memory",
         type=float,
         metavar="GB",
         help="memory budget in GB (1e9 bytes; default: the device's)",
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument(
         "--kv-fraction",
         type=float,
@@ -78,6 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from helix_p2p.shard.profile import ProfileError, ProfileOptions, cached_profile, node_form
+
     if args.max_memory is not None and not args.max_memory > 0:
         raise ProfileError(f"--max-memory must be > 0 GB, got {args.max_memory}")
     if min(args.nic_in_bytes_per_s, args.nic_out_bytes_per_s) <= 0:
