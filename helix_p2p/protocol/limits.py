@@ -1,0 +1,98 @@
+"""What one node lets callers use: sessions, queued steps, message and step sizes, idle time.
+
+Volunteers serve strangers, so every resource a message can claim has a cap, and the caps that
+matter against one greedy caller are per peer. `PeerQuota` is the bookkeeping (pure; the serving
+side calls it from its event loop). The peer that counts is the one that sends the message: for
+the first hop that is the client, for later hops the hop before, which carries all its clients'
+sessions (so per-peer caps should leave room for a neighbour's traffic)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from helix_p2p.errors import HelixError
+
+MIB = 1 << 20
+
+
+class LimitsError(HelixError):
+    """A `DataPlaneLimits` setting is out of range."""
+
+
+@dataclass(frozen=True)
+class DataPlaneLimits:
+    #: sessions open on this node at once, from everyone
+    max_sessions: int = 1024
+    #: sessions one peer may hold open here
+    max_sessions_per_peer: int = 256
+    #: steps from one peer that may be queued or running here at once
+    max_queued_steps_per_peer: int = 256
+    #: tokens in one step (a prefill longer than this is sent in several steps)
+    max_step_tokens: int = 8192
+    #: the largest request accepted, in bytes (hidden states of a long prefill)
+    max_request_bytes: int = 256 * MIB
+    #: a session untouched this long is closed and its KV freed
+    idle_timeout_s: float = 300.0
+    #: how long a hop waits for the next one before answering "unreachable"
+    hop_timeout_s: float = 120.0
+    #: decode/prefill steps one batched forward may take
+    max_batch_steps: int = 64
+
+    def __post_init__(self) -> None:
+        counts = ("max_sessions", "max_sessions_per_peer", "max_queued_steps_per_peer", "max_step_tokens",
+                  "max_request_bytes", "max_batch_steps")  # fmt: skip
+        for name in counts:
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise LimitsError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("idle_timeout_s", "hop_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise LimitsError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+class PeerQuota:
+    """Counts of what each peer holds here: open sessions and steps in flight."""
+
+    def __init__(self, limits: DataPlaneLimits) -> None:
+        self.limits = limits
+        self.sessions: Counter[str] = Counter()
+        self.steps: Counter[str] = Counter()
+
+    @property
+    def total_sessions(self) -> int:
+        return sum(self.sessions.values())
+
+    def refuse_session(self, peer: str) -> str | None:
+        """Why `peer` may not open another session now, or None (then call `add_session`)."""
+        if self.total_sessions >= self.limits.max_sessions:
+            return f"it holds its limit of {self.limits.max_sessions} sessions"
+        if self.sessions[peer] >= self.limits.max_sessions_per_peer:
+            return f"peer {peer} already holds its limit of {self.limits.max_sessions_per_peer} sessions here"
+        return None
+
+    def add_session(self, peer: str) -> None:
+        self.sessions[peer] += 1
+
+    def remove_session(self, peer: str) -> None:
+        self._decrement(self.sessions, peer)
+
+    def refuse_step(self, peer: str) -> str | None:
+        if self.steps[peer] >= self.limits.max_queued_steps_per_peer:
+            return f"peer {peer} already has its limit of {self.limits.max_queued_steps_per_peer} steps queued here"
+        return None
+
+    def add_step(self, peer: str) -> None:
+        self.steps[peer] += 1
+
+    def remove_step(self, peer: str) -> None:
+        self._decrement(self.steps, peer)
+
+    @staticmethod
+    def _decrement(counter: Counter[str], peer: str) -> None:
+        if counter[peer] <= 0:
+            raise RuntimeError(f"quota for {peer} released more than taken")
+        counter[peer] -= 1
+        if not counter[peer]:
+            del counter[peer]

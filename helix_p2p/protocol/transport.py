@@ -1,0 +1,80 @@
+"""Moving data-plane messages between peers over hivemind's P2P (libp2p), used by both the client
+driver and the serving nodes.
+
+A message up to `UNARY_MAX_BYTES` goes as one unary call on the daemon's persistent connection
+(the fastest path hivemind has; it is capped at 4 MiB per message). A larger one, the hidden states
+of a long prompt, goes over its own libp2p stream instead: a length-prefixed frame written in
+64 KiB chunks, answered by a length-prefixed reply. The receiving side reads the length first and
+refuses a frame over its request limit before reading the body, so a stranger cannot make it buffer
+more than that."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import closing
+
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.proto import runtime_pb2
+
+from helix_p2p.protocol.errors import HopUnreachableError, MalformedMessageError
+from helix_p2p.protocol.messages import Reply
+from helix_p2p.protocol.wire import MAX_REPLY_BYTES, decode_reply
+
+UNARY_PROTOCOL = "/helix/data/1"
+STREAM_PROTOCOL = "/helix/data-stream/1"
+#: requests above this go over a stream (the daemon's unary cap is 4 MiB including its envelope)
+UNARY_MAX_BYTES = 3 * 1024 * 1024
+FRAME_HEADER_BYTES = 8
+CHUNK_BYTES = 64 * 1024
+
+
+async def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(len(data).to_bytes(FRAME_HEADER_BYTES, "big"))
+    view = memoryview(data)
+    for offset in range(0, len(view), CHUNK_BYTES):
+        writer.write(view[offset : offset + CHUNK_BYTES])
+        await writer.drain()
+    await writer.drain()
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
+    """One frame; `MalformedMessageError` if it announces more than `max_bytes`."""
+    size = int.from_bytes(await reader.readexactly(FRAME_HEADER_BYTES), "big")
+    if size > max_bytes:
+        raise MalformedMessageError(f"a frame of {size} bytes passes the {max_bytes}-byte limit")
+    return await reader.readexactly(size)
+
+
+async def call_peer(p2p: P2P, peer_id: str, request: bytes, timeout_s: float) -> Reply:
+    """Send an encoded request to `peer_id` and decode its reply (which may be a `Failure`).
+    Raises `HopUnreachableError` when the peer does not answer in time or the call breaks."""
+    try:
+        peer = PeerID.from_base58(peer_id)
+    except ValueError as e:
+        raise MalformedMessageError(f"{peer_id!r} is not a peer id ({e})") from None
+    try:
+        async with asyncio.timeout(timeout_s):
+            if len(request) <= UNARY_MAX_BYTES:
+                response = await p2p.call_protobuf_handler(
+                    peer,
+                    UNARY_PROTOCOL,
+                    runtime_pb2.ExpertRequest.FromString(request),
+                    runtime_pb2.ExpertResponse,
+                )
+                data = response.SerializeToString()
+            else:
+                _, reader, writer = await p2p.call_binary_stream_handler(peer, STREAM_PROTOCOL)
+                with closing(writer):
+                    await write_frame(writer, request)
+                    data = await read_frame(reader, MAX_REPLY_BYTES)
+    except TimeoutError:
+        raise HopUnreachableError(f"peer {peer_id} did not answer within {timeout_s:g} s", peer_id) from None
+    except (P2PDaemonError, P2PHandlerError, ConnectionError, asyncio.IncompleteReadError, OSError) as e:
+        raise HopUnreachableError(f"call to peer {peer_id} failed: {str(e)[:300]}", peer_id) from None
+    except MalformedMessageError as e:
+        raise MalformedMessageError(f"peer {peer_id} sent a bad reply: {e}", peer_id) from None
+    try:
+        return decode_reply(data)
+    except MalformedMessageError as e:
+        raise MalformedMessageError(f"peer {peer_id} sent a bad reply: {e}", peer_id) from None

@@ -1,0 +1,517 @@
+"""The data plane on a node: serving inference sessions for the layers it holds.
+
+`attach_data_plane(p2p, layers_provider, limits)` registers two handlers on the node's P2P instance
+(a unary one, and a stream one for messages over the 4 MiB unary cap; `helix_p2p.protocol.transport`)
+and returns the running `DataPlane`. For each message:
+
+- open: check the route names this peer for layers it holds, take a session slot within the per-peer
+  and node limits, reserve the KV cache on the shard (or answer busy, naming the KV budget), then
+  forward the open to the next hop; if a later hop refuses, release here and pass its answer back.
+- step: run the session's layers on the given token ids (first hop: the shard embeds) or hidden
+  states, then send the hidden states straight to the next hop and pass its answer back; the last
+  hop samples, so the token id travels back along the calls. One network hop per stage per step.
+- close: free the KV cache here and forward the close. Sessions idle past `idle_timeout_s` are
+  closed by a reaper.
+
+Steps are not run one by one: each shard has a `_Batcher` that takes every step ready when the
+previous forward finishes and runs them as one `Shard.step_batch` (continuous batching) in a worker
+thread, so the event loop keeps receiving and forwarding meanwhile.
+
+Every message is validated before use (`helix_p2p.protocol.wire`, then the shard's own checks), and
+every refusal is an error reply naming the peer and the reason; nothing a caller sends stops the
+node serving others. Sessions are pinned to the shard they were opened on, so a node that switches
+layers (make before break) finishes its old sessions on the old shard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Protocol
+
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from helix_p2p.protocol.errors import (
+    BusyError,
+    DataPlaneError,
+    DuplicateSessionError,
+    ErrorCode,
+    LayersUnavailableError,
+    MalformedMessageError,
+    SequenceTooLongError,
+    SessionNotFoundError,
+)
+from helix_p2p.protocol.limits import DataPlaneLimits, PeerQuota
+from helix_p2p.protocol.messages import (
+    Closed,
+    CloseSession,
+    Failure,
+    Generated,
+    Opened,
+    OpenSession,
+    Reply,
+    Request,
+    Step,
+)
+from helix_p2p.protocol.transport import STREAM_PROTOCOL, UNARY_PROTOCOL, call_peer, read_frame, write_frame
+from helix_p2p.protocol.wire import (
+    decode_request,
+    decode_request_message,
+    encode_reply,
+    encode_request,
+    reply_message,
+)
+from helix_p2p.shard import (
+    BadStepError,
+    KVCapacityError,
+    LayerRangeError,
+    LayersNotHeldError,
+    SessionExistsError,
+    SessionLengthError,
+    Shard,
+    ShardError,
+    StepRequest,
+    StepResult,
+    UnknownSessionError,
+)
+
+logger = logging.getLogger(__name__)
+
+#: the shards a node serves now, newest first (a node switching layers briefly has two)
+LayersProvider = Callable[[], Sequence[Shard]]
+
+
+class Gate(Protocol):
+    """The node's session admission (`node.sessions.SessionGate`): refuses new sessions once leaving."""
+
+    def admit(self) -> bool: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass
+class _Served:
+    session_id: str
+    shard: Shard
+    layers: tuple[int, int]
+    #: the peer that opened the session: the only one that may step or close it
+    owner: str
+    #: the next hop, None on the last one
+    next_peer: str | None
+    #: the last hop samples with a repetition penalty: it needs the token ids, so they ride along
+    forward_ids: bool
+    last_used: float
+    running: bool = False
+
+
+class _Batcher:
+    """Continuous batching for one shard: whatever steps are queued when a forward ends go into the
+    next one together (up to `max_batch_steps`)."""
+
+    def __init__(self, shard: Shard, max_batch_steps: int) -> None:
+        self.shard = shard
+        self.max_batch_steps = max_batch_steps
+        self._queue: deque[tuple[StepRequest, asyncio.Future[StepResult]]] = deque()
+        self._ready = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"batcher [{shard.start}, {shard.end})")
+        self.forwards = 0
+        self.steps = 0
+
+    async def submit(self, request: StepRequest) -> StepResult:
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, future))
+        self._ready.set()
+        return await future
+
+    def close(self) -> None:
+        self._task.cancel()
+        for _, future in self._queue:
+            future.cancel()
+        self._queue.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._queue:
+                batch = []
+                while self._queue and len(batch) < self.max_batch_steps:
+                    item = self._queue.popleft()
+                    if not item[1].done():  # a caller that gave up is skipped
+                        batch.append(item)
+                if not batch:
+                    continue
+                try:
+                    outcomes = await asyncio.to_thread(self._run_batch, [r for r, _ in batch])
+                except Exception as e:  # a device error: fail this batch, keep serving
+                    logger.exception("a batched forward of %d steps failed", len(batch))
+                    outcomes = [e] * len(batch)
+                self.forwards += 1
+                self.steps += len(batch)
+                for (_, future), outcome in zip(batch, outcomes):
+                    if future.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+
+    def _run_batch(self, requests: list[StepRequest]) -> list[StepResult | ShardError]:
+        """Run the valid requests as one batch; a bad one gets its own error and does not stop the rest."""
+        outcomes: list[StepResult | ShardError | None] = [None] * len(requests)
+        good = []
+        for i, request in enumerate(requests):
+            try:
+                self.shard.validate(request)
+                good.append(i)
+            except ShardError as e:
+                outcomes[i] = e
+        if good:
+            try:
+                for i, result in zip(good, self.shard.step_batch([requests[i] for i in good])):
+                    outcomes[i] = result
+            except ShardError:
+                # Changed between validation and the batch (closed, expired): one by one, each its own answer.
+                for i in good:
+                    try:
+                        outcomes[i] = self.shard.step(requests[i])
+                    except ShardError as e:
+                        outcomes[i] = e
+        return [o for o in outcomes if o is not None]
+
+
+class DataPlane:
+    def __init__(
+        self,
+        p2p: P2P,
+        layers_provider: LayersProvider,
+        limits: DataPlaneLimits,
+        *,
+        gate: Gate | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.p2p = p2p
+        self.layers_provider = layers_provider
+        self.limits = limits
+        self.gate = gate
+        self.clock = clock
+        self.peer_id = p2p.peer_id.to_base58()
+        self.quota = PeerQuota(limits)
+        self._sessions: dict[str, _Served] = {}
+        self._batchers: dict[Shard, _Batcher] = {}
+        self._reaper: asyncio.Task | None = None
+
+    # --------------------------------------------------------------------------------- life
+
+    async def start(self) -> None:
+        await self.p2p.add_protobuf_handler(UNARY_PROTOCOL, self._on_unary, runtime_pb2.ExpertRequest)
+        await self.p2p.add_binary_stream_handler(STREAM_PROTOCOL, self._on_stream)
+        self._reaper = asyncio.create_task(self._reap_loop(), name="session reaper")
+
+    async def close(self) -> None:
+        """Stop the reaper and batchers and free every session's KV cache (handlers stay registered
+        until the P2P instance shuts down; they answer nothing useful once the shards are gone)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for batcher in self._batchers.values():
+            batcher.close()
+        self._batchers.clear()
+        for sid in list(self._sessions):
+            await self._drop(sid, "the node is shutting down")
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)
+
+    def batching_stats(self) -> tuple[int, int]:
+        """(forwards run, steps run) over the shards served now."""
+        return (
+            sum(b.forwards for b in self._batchers.values()),
+            sum(b.steps for b in self._batchers.values()),
+        )
+
+    # ---------------------------------------------------------------------------- transport
+
+    async def _on_unary(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        reply = await self._serve(
+            lambda: decode_request_message(request, self.limits), context.remote_id.to_base58()
+        )
+        return reply_message(reply)
+
+    async def _on_stream(
+        self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = stream_info.peer_id.to_base58()
+        with closing(writer):
+            try:
+                async with asyncio.timeout(self.limits.hop_timeout_s):
+                    data = await read_frame(reader, self.limits.max_request_bytes)
+            except MalformedMessageError as e:
+                reply: Reply = Failure.of(e, self.peer_id)
+            except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
+                logger.info("a stream from %s ended before its request was read: %s", peer, type(e).__name__)
+                return
+            else:
+                reply = await self._serve(lambda: decode_request(data, self.limits), peer)
+            try:
+                await write_frame(writer, encode_reply(reply))
+            except ConnectionError:
+                logger.info("peer %s hung up before its reply", peer)
+
+    async def _serve(self, decode: Callable[[], Request], peer: str) -> Reply:
+        kind = "request"
+        try:
+            message = decode()
+            kind = type(message).__name__
+            if isinstance(message, OpenSession):
+                return await self._open(message, peer)
+            if isinstance(message, Step):
+                return await self._step(message, peer)
+            return await self._close(message, peer)
+        except DataPlaneError as e:
+            logger.info("refused a %s from %s: %s: %s", kind, peer, e.code.value, e)
+            return Failure.of(e, self.peer_id)
+        except Exception as e:  # a bug or a device failure on a valid message: answer, keep serving
+            logger.exception("failed on a %s from %s", kind, peer)
+            return Failure(
+                ErrorCode.INTERNAL, f"peer {self.peer_id} failed: {type(e).__name__}: {e}", self.peer_id
+            )
+
+    # ------------------------------------------------------------------------------- open
+
+    async def _open(self, message: OpenSession, peer: str) -> Reply:
+        sid, hop = message.session_id, message.hop
+        if hop.peer_id != self.peer_id:
+            raise MalformedMessageError(
+                f"route hop {message.hop_index} names peer {hop.peer_id}, but this is peer {self.peer_id}"
+            )
+        if sid in self._sessions:
+            raise DuplicateSessionError(f"session {sid} is already open on peer {self.peer_id}")
+        why = self.quota.refuse_session(peer)
+        if why:
+            raise BusyError(f"peer {self.peer_id} is busy: {why}")
+        shard = self._shard_for(hop.layers)
+        if message.route[-1].end != shard.num_model_layers:
+            raise MalformedMessageError(
+                f"the route ends at layer {message.route[-1].end}, the model has {shard.num_model_layers} layers"
+            )
+        if self.gate is not None and not self.gate.admit():
+            raise BusyError(f"peer {self.peer_id} is leaving the swarm and opens no new sessions")
+        self.quota.add_session(peer)
+        next_peer = None if message.is_last else message.route[message.hop_index + 1].peer_id
+        forward_ids = message.sampling.needs_history and not message.is_last
+        self._sessions[sid] = _Served(
+            sid, shard, hop.layers, peer, next_peer, forward_ids, self.clock(), running=True
+        )
+        opened_here = False
+        try:
+            try:
+                await asyncio.to_thread(
+                    shard.open_session,
+                    sid,
+                    message.max_length,
+                    message.sampling if message.is_last else None,
+                    hop.layers,
+                )
+            except KVCapacityError:
+                raise self._busy_kv(shard, sid, message.max_length) from None
+            except ShardError as e:
+                raise self._translate(e, hop.layers) from None
+            opened_here = True
+            hops = 1
+            if next_peer is not None:
+                reply = await call_peer(
+                    self.p2p, next_peer, encode_request(message.forwarded()), self.limits.hop_timeout_s
+                )
+                if not isinstance(reply, Opened):
+                    await self._drop(sid, "a later hop refused it")
+                    return (
+                        reply
+                        if isinstance(reply, Failure)
+                        else Failure(
+                            ErrorCode.MALFORMED,
+                            f"peer {next_peer} answered an open with {type(reply).__name__}",
+                            next_peer,
+                        )
+                    )
+                hops += reply.hops
+        except BaseException:
+            if sid in self._sessions:
+                await self._drop(sid, "its open failed", close_shard=opened_here)
+            raise
+        self._sessions[sid].running = False
+        logger.info(
+            "session %s opened by %s: layers [%d, %d), max_length %d, next hop %s",
+            sid, peer, *hop.layers, message.max_length, next_peer or "none (samples here)",
+        )  # fmt: skip
+        return Opened(sid, hops)
+
+    def _shard_for(self, layers: tuple[int, int]) -> Shard:
+        shards = list(self.layers_provider())
+        for shard in shards:
+            if shard.start <= layers[0] and layers[1] <= shard.end:
+                return shard
+        held = ", ".join(f"[{s.start}, {s.end})" for s in shards) or "no layers"
+        raise LayersUnavailableError(
+            f"peer {self.peer_id} holds {held}, not layers [{layers[0]}, {layers[1]})", self.peer_id
+        )
+
+    def _busy_kv(self, shard: Shard, sid: str, max_length: int) -> BusyError:
+        budget = shard.spec.max_kv_tokens
+        free = shard.free_kv_tokens
+        return BusyError(
+            f"peer {self.peer_id} (layers [{shard.start}, {shard.end})) is busy: session {sid} asks for "
+            f"{max_length} KV positions, {free} of its KV budget of {budget} positions are free "
+            f"({len(shard.sessions())} sessions open)",
+            self.peer_id,
+        )
+
+    # ------------------------------------------------------------------------------- step
+
+    async def _step(self, message: Step, peer: str) -> Reply:
+        sid = message.session_id
+        served = self._owned(sid, peer)
+        if served.running:
+            raise MalformedMessageError(
+                f"session {sid} already has a step running on peer {self.peer_id}; a session's steps go one at a time"
+            )
+        why = self.quota.refuse_step(peer)
+        if why:
+            raise BusyError(f"peer {self.peer_id} is busy: {why}")
+        served.running = True
+        self.quota.add_step(peer)
+        try:
+            request = StepRequest(
+                sid,
+                token_ids=message.token_ids,
+                hidden_states=message.hidden_states,
+                position=message.position,
+                layers=served.layers,
+            )
+            try:
+                result = await self._batcher(served.shard).submit(request)
+            except UnknownSessionError as e:  # closed or expired on the shard meanwhile
+                await self._drop(sid, "the shard no longer has it", close_shard=False)
+                raise self._translate(e, served.layers) from None
+            except ShardError as e:
+                raise self._translate(e, served.layers) from None
+            if served.next_peer is None:
+                assert result.token_id is not None
+                return Generated(sid, result.position, result.num_tokens, result.token_id, result.finished)
+            forward = Step(
+                sid,
+                result.position,
+                token_ids=message.token_ids if served.forward_ids else None,
+                hidden_states=result.hidden_states,
+            )
+            return await call_peer(
+                self.p2p, served.next_peer, encode_request(forward), self.limits.hop_timeout_s
+            )
+        finally:
+            served.running = False
+            served.last_used = self.clock()
+            self.quota.remove_step(peer)
+
+    def _owned(self, sid: str, peer: str) -> _Served:
+        served = self._sessions.get(sid)
+        if served is None or served.owner != peer:
+            # A stranger is told no more than about a session that does not exist.
+            raise SessionNotFoundError(f"session {sid} is not open on peer {self.peer_id} for peer {peer}")
+        return served
+
+    def _batcher(self, shard: Shard) -> _Batcher:
+        batcher = self._batchers.get(shard)
+        if batcher is None:
+            batcher = self._batchers[shard] = _Batcher(shard, self.limits.max_batch_steps)
+        return batcher
+
+    def _translate(self, error: ShardError, layers: tuple[int, int]) -> DataPlaneError:
+        where = f"peer {self.peer_id} (layers [{layers[0]}, {layers[1]}))"
+        if isinstance(error, SessionLengthError):
+            return SequenceTooLongError(f"{where}: {error}", self.peer_id)
+        if isinstance(error, UnknownSessionError):
+            return SessionNotFoundError(f"{where}: {error}", self.peer_id)
+        if isinstance(error, SessionExistsError):
+            return DuplicateSessionError(f"{where}: {error}", self.peer_id)
+        if isinstance(error, (LayersNotHeldError, LayerRangeError)):
+            return LayersUnavailableError(f"{where}: {error}", self.peer_id)
+        if isinstance(error, BadStepError):
+            return MalformedMessageError(f"{where}: {error}", self.peer_id)
+        return MalformedMessageError(f"{where}: {type(error).__name__}: {error}", self.peer_id)
+
+    # ------------------------------------------------------------------------------ close
+
+    async def _close(self, message: CloseSession, peer: str) -> Reply:
+        sid = message.session_id
+        served = self._owned(sid, peer)
+        await self._drop(sid, f"closed by {peer}")
+        if served.next_peer is not None:
+            try:
+                reply = await call_peer(
+                    self.p2p, served.next_peer, encode_request(message), self.limits.hop_timeout_s
+                )
+            except DataPlaneError as e:
+                reply = Failure.of(e, self.peer_id)
+            if isinstance(reply, Failure):
+                # Our part is done; the next hop frees its cache when the session idles out there.
+                logger.info(
+                    "session %s: the next hop %s did not close it: %s", sid, served.next_peer, reply.message
+                )
+        return Closed(sid)
+
+    async def _drop(self, sid: str, reason: str, *, close_shard: bool = True) -> None:
+        served = self._sessions.pop(sid, None)
+        if served is None:
+            return
+        self.quota.remove_session(served.owner)
+        if self.gate is not None:
+            self.gate.finish()
+        if close_shard:
+            try:
+                await asyncio.to_thread(served.shard.close_session, sid)
+            except UnknownSessionError:
+                pass  # the shard expired it first: nothing left to free
+        logger.info("session %s: %s", sid, reason)
+
+    async def _reap_loop(self) -> None:
+        period_s = min(5.0, self.limits.idle_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period_s)
+            await self.reap()
+
+    async def reap(self) -> list[str]:
+        """Close sessions idle past the timeout, and retire batchers of shards no longer served."""
+        now = self.clock()
+        idle = [
+            sid
+            for sid, s in self._sessions.items()
+            if not s.running and now - s.last_used > self.limits.idle_timeout_s
+        ]
+        for sid in idle:
+            await self._drop(sid, f"idle for over {self.limits.idle_timeout_s:g} s: closed")
+        current = set(self.layers_provider())
+        in_use = {s.shard for s in self._sessions.values()}
+        for shard in [s for s in self._batchers if s not in current and s not in in_use]:
+            self._batchers.pop(shard).close()
+        return idle
+
+
+async def attach_data_plane(
+    p2p: P2P,
+    layers_provider: LayersProvider,
+    limits: DataPlaneLimits | None = None,
+    *,
+    gate: Gate | None = None,
+) -> DataPlane:
+    """Serve inference sessions on `p2p` for the shards `layers_provider()` returns (called on each
+    open, so a node that switches layers serves the new ones at once)."""
+    plane = DataPlane(p2p, layers_provider, limits or DataPlaneLimits(), gate=gate)
+    await plane.start()
+    return plane
