@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes moved each way per bandwidth probe (default 1 MiB)",
     )
     j("--probe-period-s", type=float, default=60.0, help="time between probing rounds (default 60)")
+    j("--probe-max-age-s", type=float, default=600.0, help="re-measure a link after this long (default 600)")
     j("--nic-bytes-per-s", type=float, help="this node's network bandwidth, if known (default: from probes)")
     j(
         "--grace-s",
@@ -161,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGINT/SIGTERM, let running sessions finish this long (default 30)",
     )
     j("--connect-timeout-s", type=float, default=30.0, help="give up joining after this long (default 30)")
+    j(
+        "--rpc-timeout-s",
+        type=float,
+        default=3.0,
+        help="a DHT call to a silent peer is abandoned after this long (default 3)",
+    )
     return parser
 
 
@@ -201,9 +208,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         probe_peers=args.probe_peers,
         probe_bytes=args.probe_bytes,
         probe_period_s=args.probe_period_s,
+        probe_max_age_s=args.probe_max_age_s,
         nic_bytes_per_s=args.nic_bytes_per_s,
         grace_s=args.grace_s,
         connect_timeout_s=args.connect_timeout_s,
+        rpc_timeout_s=args.rpc_timeout_s,
     ).check()
 
 
@@ -232,7 +241,8 @@ def profile_throughput(config: NodeConfig) -> Throughput:
     logger.info(
         "throughput %s: %s tokens/s for 1..%d layers",
         "from the profile cache" if from_cache else f"measured in {profile.measure_s:.0f} s",
-        ", ".join(f"{x:.0f}" for x in profile.tokens_per_s[:4]) + (", ..." if len(profile.tokens_per_s) > 4 else ""),
+        ", ".join(f"{x:.0f}" for x in profile.tokens_per_s[:4])
+        + (", ..." if len(profile.tokens_per_s) > 4 else ""),
         profile.max_layers,
     )
     return Throughput(tokens_per_s=profile.tokens_per_s, gpu=profile.device_name)

@@ -110,7 +110,9 @@ class Node:
             use_relay=c.use_relay,
             use_auto_relay=c.use_auto_relay,
             no_listen=c.no_listen,
-            force_reachability=c.force_reachability,
+            # A node that accepts no inbound connection is private by definition; telling libp2p so
+            # makes it reserve a relay slot at once instead of waiting for AutoNAT to find out.
+            force_reachability=c.force_reachability or ("private" if c.no_listen else None),
             connect_timeout_s=c.connect_timeout_s,
             rpc_timeout_s=c.rpc_timeout_s,
             check_identity_free=c.identity is not None,

@@ -275,6 +275,7 @@ class SwarmObserver:
     def close(self) -> None:
         try:
             self.run(self.dht.shutdown(), timeout_s=15)
+            self.run(_cancel_other_tasks(), timeout_s=15)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
@@ -287,3 +288,11 @@ class SwarmObserver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _cancel_other_tasks() -> None:
+    """hivemind leaves background tasks (cache refresh) behind on shutdown; end them quietly."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
