@@ -87,9 +87,20 @@ def encode_request(message: Request) -> bytes:
     request = runtime_pb2.ExpertRequest(
         uid=kind,
         metadata=json.dumps(meta, separators=(",", ":")).encode(),
-        tensors=[serialize_torch_tensor(t.detach().cpu().contiguous()) for t in tensors],
+        tensors=[_serialize(t) for t in tensors],
     )
     return request.SerializeToString()
+
+
+def _serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype != torch.bfloat16:
+        return serialize_torch_tensor(tensor)
+    # hivemind widens bfloat16 to float32 by default (its legacy mode); send the 2-byte values as
+    # they are, which its deserializer reads back as bfloat16.
+    return runtime_pb2.Tensor(
+        buffer=tensor.view(torch.int16).numpy().tobytes(), size=tensor.shape, dtype="bfloat16"
+    )
 
 
 def decode_request(data: bytes, limits: DataPlaneLimits) -> Request:
