@@ -7,7 +7,9 @@ solving) runs in worker threads. Tasks:
 - watch: read the registry and the plans, elect, follow the newest plan of the elected planner,
   and, when elected, let the planner role act;
 - probe: measure RTT and bandwidth to a few peers (`helix_p2p.swarm.probing`);
-- layers: load what the followed plan assigns, make before break (`layers.LayerHost`)."""
+- layers: load what the followed plan assigns, make before break (`layers.LayerHost`).
+The data plane (`serving`) serves inference sessions on the loaded layers; SIGINT/SIGTERM closes
+admissions (`sessions.SessionGate`) and lets running sessions finish within the grace period."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from helix_p2p.swarm.records import (
 from .config import NodeConfig
 from .layers import LayerHost, LayerLoader
 from .planner_role import PlannerRole
+from .serving import DataPlane, attach_data_plane
 from .sessions import SessionGate
 from .state import derive_state
 
@@ -69,6 +72,7 @@ class Node:
         self.gpu = gpu
         self.memory_bytes = memory_bytes
         self.dht: SwarmDHT | None = None
+        self.data_plane: DataPlane | None = None
         self.layers = LayerHost(loader, on_change=self._changed)
         self.sessions = SessionGate()
         self.planner = PlannerRole(
@@ -132,6 +136,7 @@ class Node:
         try:
             await ProbeServer().register(self.dht.p2p)
             await ReachServer().register(self.dht.p2p)
+            self.data_plane = await attach_data_plane(self.dht.p2p, self._served_shards, gate=self.sessions)
             self.addrs = await self._visible_addrs()
             self.joined_at = time.time()
             logger.info(
@@ -171,6 +176,8 @@ class Node:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.data_plane is not None:
+                await self.data_plane.close()
             await self.layers.close()
             await self.dht.shutdown()
 
@@ -330,6 +337,11 @@ class Node:
         )  # fmt: skip
         self.layers.set_target(mine)
         self._update_state()
+
+    def _served_shards(self) -> list:
+        """What the data plane serves new sessions on: the loaded range (sessions opened on a range
+        the node has since moved off keep their shard until they close)."""
+        return [] if self.layers.handle is None else [self.layers.handle]
 
     async def _publish_plan(self, plan) -> bool:
         return await self.dht.publish_plan(plan, self.config.ttl_s)

@@ -4,6 +4,7 @@ more than all the checks together):
 
 1. nodes join, an elected planner publishes a signed plan covering every layer, every placed node
    loads its range (bound: JOIN_BOUND_S after the last node starts);
+   and a request routed along its flows generates what the whole model generates;
 2. a plan validly signed by a member that is not the elected planner is ignored;
 3. records forged for another peer's key are refused by every peer;
 4. a node behind a strict NAT (no inbound connections, DHT client) joins; its record says it is
@@ -176,6 +177,45 @@ def test_nodes_join_and_an_elected_plan_covering_every_layer_is_loaded(swarm):
     # the observer only returns plans whose signature verified; the planner's log says it published
     planner_name = next(r.name for r in live.values() if r.peer_id == plan.planner)
     assert f"published plan epoch {plan.epoch}" in swarm.nodes[planner_name].stderr()
+
+
+def test_the_plan_serves_greedy_generation_equal_to_the_whole_model(swarm):
+    """The layers the nodes loaded are the right ones: a request routed along the plan's flows
+    generates what `transformers` generates on the whole checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from helix_p2p.protocol.driver import generate
+
+    plan = plan_that(swarm, covers_every_layer, REPLAN_BOUND_S, "a covering plan")
+    wait_for(lambda: loaded(swarm, plan), REPLAN_BOUND_S, "the plan loaded", describe=swarm.report)
+    route = route_along_flows(plan)
+    prompt = [5, 17, 42, 7, 99]
+    ours = swarm.observer.run(generate(swarm.observer.dht.p2p, route, prompt, 4), timeout_s=120)
+    whole = AutoModelForCausalLM.from_pretrained(swarm.model, dtype=torch.float32).eval()
+    expected = whole.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert ours == expected[0, len(prompt) :].tolist()
+
+
+def route_along_flows(plan):
+    """Hops from source to sink along edges that carry flow; with partial inference a hop runs only
+    the layers its predecessor has not."""
+    from helix_p2p.protocol.messages import RouteHop
+
+    out = {}
+    for flow in plan.flows:
+        if flow.tokens_per_s > 0:
+            out.setdefault(flow.src, []).append(flow)
+    hops, at, done = [], "source", 0
+    while at != "sink":
+        step = max(out[at], key=lambda f: f.tokens_per_s)
+        if step.dst != "sink":
+            end = plan.placement[step.dst][1]
+            hops.append(RouteHop(step.dst, done, end))
+            done = end
+        at = step.dst
+    assert done == NUM_LAYERS
+    return hops
 
 
 def test_a_plan_signed_by_a_member_that_is_not_elected_is_ignored(swarm):
