@@ -180,7 +180,7 @@ def test_idle_timeout_closes_sessions_and_frees_their_kv(llama: Path) -> None:
     shard = load_shard(ShardSpec(str(llama), 1, 3, idle_timeout_s=30.0, max_kv_tokens=64), clock=clock)
     shard.open_session("idle", 32)
     shard.open_session("busy", 32)
-    keys = weakref.ref(shard._sessions["idle"].kv.keys)  # the KV tensor itself must be released
+    keys = weakref.ref(shard._table.get("idle").kv.keys)  # the KV tensor itself must be released
     assert (
         shard.session("idle").kv_bytes == 2 * 2 * 2 * 32 * 16 * 4
     )  # k+v, 2 layers, 2 kv heads, 32 pos, 16 dims

@@ -1,8 +1,10 @@
 """Model shards: layers [start, end) of a Hugging Face causal LM, run exactly as the whole model
 runs them, for many sessions at once (`Shard`), plus what a node needs around them: memory
 accounting from the config (`memory`), a device profiler (`profile`), and a tiny-model maker for
-tests and demos (`tiny`). One module per idea: `families` (which transformers classes), `loading`
-(safetensors range reads), `kv_cache`, `runner`, `sampling`, `chain` (shards in one process).
+tests and demos (`tiny`). One module per idea: `api` (the records that cross the boundary), `families`
+(which transformers classes), `loading` (safetensors range reads), `build` (a Shard from a
+checkpoint), `sessions`, `kv_cache`, `runner` (validation, batching, forwards), `sampling`, `chain`
+(shards in one process).
 
     shard = load_shard(ShardSpec("path/to/model", start=0, end=8))
     shard.open_session("s1", max_length=1024)
@@ -10,6 +12,8 @@ tests and demos (`tiny`). One module per idea: `families` (which transformers cl
     result.hidden_states  # [3, hidden], for the shard holding layers [8, ...)
 """
 
+from helix_p2p.shard.api import SessionId, SessionInfo, ShardSpec, StepRequest, StepResult
+from helix_p2p.shard.build import load_shard, resolve_device
 from helix_p2p.shard.chain import LocalChain
 from helix_p2p.shard.errors import (
     BadStepError,
@@ -49,16 +53,7 @@ from helix_p2p.shard.profile import (
     cached_profile,
     profile_device,
 )
-from helix_p2p.shard.runner import (
-    SessionId,
-    SessionInfo,
-    Shard,
-    ShardSpec,
-    StepRequest,
-    StepResult,
-    load_shard,
-    resolve_device,
-)
+from helix_p2p.shard.runner import Shard
 from helix_p2p.shard.sampling import GREEDY, SamplingParams
 from helix_p2p.shard.tiny import TinyModelSpec, make_tiny_model
 

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
+from helix_p2p.shard.api import SessionInfo, StepRequest, StepResult
 from helix_p2p.shard.errors import LayerRangeError
-from helix_p2p.shard.runner import SessionInfo, Shard, StepRequest, StepResult
+from helix_p2p.shard.runner import Shard
 from helix_p2p.shard.sampling import SamplingParams
 
 

@@ -47,6 +47,8 @@ import torch
 import transformers
 
 from helix_p2p.cluster import NodeId, NodeSpec
+from helix_p2p.shard.api import ShardSpec, StepRequest
+from helix_p2p.shard.build import load_shard, resolve_device
 from helix_p2p.shard.errors import ShardError
 from helix_p2p.shard.loading import open_checkpoint
 from helix_p2p.shard.memory import (
@@ -57,7 +59,7 @@ from helix_p2p.shard.memory import (
     max_layers_for_budget,
     parse_dtype,
 )
-from helix_p2p.shard.runner import Shard, ShardSpec, StepRequest, load_shard, resolve_device
+from helix_p2p.shard.runner import Shard
 
 logger = logging.getLogger(__name__)
 

@@ -15,155 +15,22 @@ Every request is checked before any tensor work (`validate`), and a bad one rais
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NewType
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from helix_p2p.shard.errors import (
-    BadStepError,
-    DeviceError,
-    KVCapacityError,
-    LayerRangeError,
-    LayersNotHeldError,
-    MissingTensorError,
-    SessionClosedError,
-    SessionExistsError,
-    SessionLengthError,
-    ShardSpecError,
-    UnknownSessionError,
-)
-from helix_p2p.shard.families import (
-    EMBEDDING_TENSOR,
-    FINAL_NORM_TENSOR,
-    LM_HEAD_TENSOR,
-    Family,
-    check_supported,
-    head_dim,
-    layer_prefix,
-    num_key_value_heads,
-    sliding_window_of_layer,
-    tie_word_embeddings,
-)
+from helix_p2p.shard.api import SessionInfo, ShardSpec, StepRequest, StepResult
+from helix_p2p.shard.errors import BadStepError, LayersNotHeldError, SessionLengthError
+from helix_p2p.shard.families import Family, head_dim, num_key_value_heads, sliding_window_of_layer
 from helix_p2p.shard.kv_cache import BatchKV, BatchRow, SessionKV
-from helix_p2p.shard.loading import Checkpoint, open_checkpoint
-from helix_p2p.shard.memory import kv_bytes_per_token_per_layer, parse_dtype
+from helix_p2p.shard.memory import kv_bytes_per_token_per_layer
 from helix_p2p.shard.sampling import GREEDY, Sampler, SamplingParams
-
-logger = logging.getLogger(__name__)
-
-SessionId = NewType("SessionId", str)
-
-#: how many closed session ids are remembered, to say "closed" rather than "unknown"
-CLOSED_MEMORY = 4096
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """What to load: layers [start, end) of the checkpoint at `model_path`, and how to run them."""
-
-    model_path: str
-    start: int
-    end: int
-    #: float32, bfloat16 or float16 (also fp32, bf16, fp16)
-    dtype: str = "float32"
-    #: cpu, cuda or cuda:N
-    device: str = "cpu"
-    #: sdpa or eager (the attention functions of `transformers`)
-    attn_implementation: str = "sdpa"
-    #: the most session positions the shard reserves KV for, summed over open sessions; None: no cap
-    max_kv_tokens: int | None = None
-    #: prompts longer than this are prefilled in chunks of this many tokens
-    max_chunk_tokens: int = 512
-    #: rows are packed into one forward up to this many (padded) tokens
-    max_batch_tokens: int = 4096
-    #: a forward pads every row to its longest; rows join it while padded tokens stay within this
-    #: factor of real ones (so one prompt does not drag fifteen 1-token decodes to its length)
-    max_padding_ratio: float = 1.25
-    #: a session untouched this long is closed and its KV freed
-    idle_timeout_s: float = 300.0
-
-
-@dataclass(frozen=True)
-class StepRequest:
-    """One session's step: `token_ids` [n] when the session's layers start at layer 0, else
-    `hidden_states` [n, hidden] in the shard's dtype. The shard holding the head may also be given
-    the `token_ids` of those positions (needed when the session samples with a repetition penalty)."""
-
-    session_id: str
-    token_ids: torch.Tensor | None = None
-    hidden_states: torch.Tensor | None = None
-    #: absolute position of the first token; None continues the session. Less than the session's
-    #: length rewinds it (its later positions are dropped); more is a gap and is refused.
-    position: int | None = None
-    #: the layer range the caller expects this shard to run; None trusts the session's
-    layers: tuple[int, int] | None = None
-    #: also return fp32 logits for every position (only where the session ends at the last layer)
-    return_logits: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        x = self.token_ids if self.token_ids is not None else self.hidden_states
-        return 0 if x is None or x.ndim == 0 else int(x.shape[0])
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What a step produced: hidden states for the next shard, or the sampled next token."""
-
-    session_id: str
-    #: the absolute position of the step's first token
-    position: int
-    num_tokens: int
-    #: [n, hidden] in the shard's dtype, for the next shard; None where the session ends here
-    hidden_states: torch.Tensor | None = None
-    #: the next token, sampled from the last position's logits, where the session ends here
-    token_id: int | None = None
-    #: [n, vocab] fp32, when asked for
-    logits: torch.Tensor | None = None
-    #: the token is a stop token, or the session has no room for another position
-    finished: bool = False
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    session_id: str
-    layers: tuple[int, int]
-    max_length: int
-    #: positions [0, length) are in the KV cache
-    length: int
-    kv_bytes: int
-    idle_s: float
-
-
-@dataclass
-class _Session:
-    id: str
-    start: int
-    end: int
-    max_length: int
-    kv: SessionKV
-    sampler: Sampler | None
-    #: token ids of positions [0, kv.length), kept only when sampling reads them
-    history: torch.Tensor | None
-    last_used: float
-
-    def info(self, now: float) -> SessionInfo:
-        return SessionInfo(
-            self.id,
-            (self.start, self.end),
-            self.max_length,
-            self.kv.length,
-            self.kv.nbytes,
-            now - self.last_used,
-        )
+from helix_p2p.shard.sessions import Session, SessionTable
 
 
 @dataclass
@@ -171,7 +38,7 @@ class _Work:
     """A slice [offset, offset + num_tokens) of one request, run in one forward."""
 
     index: int
-    session: _Session
+    session: Session
     request: StepRequest
     offset: int
     num_tokens: int
@@ -184,26 +51,6 @@ class _Output:
     hidden: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     last_logits: torch.Tensor | None = None
-
-
-def resolve_device(device: str) -> torch.device:
-    """`cpu`, `cuda` or `cuda:N`, checked against this machine."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"device {device!r} is not a device name (use cpu, cuda or cuda:N)") from e
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise DeviceError(f"device {device!r} is not supported (use cpu, cuda or cuda:N)")
-    if not torch.cuda.is_available():
-        raise DeviceError(f"device {device!r} asked for, but CUDA is not available on this machine")
-    index = 0 if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
-        raise DeviceError(
-            f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
-    return torch.device("cuda", index)
 
 
 class Shard:
@@ -235,8 +82,12 @@ class Shard:
         self.device = device
         self.dtype = dtype
         self.clock = clock
-        self._sessions: dict[str, _Session] = {}
-        self._closed: OrderedDict[str, str] = OrderedDict()
+        self._table = SessionTable(
+            idle_timeout_s=spec.idle_timeout_s,
+            max_kv_tokens=spec.max_kv_tokens,
+            clock=clock,
+            where=f"layers [{spec.start}, {spec.end})",
+        )
         self._lock = threading.RLock()
         self._windows = {i: sliding_window_of_layer(config, i) for i in range(spec.start, spec.end)}
 
@@ -273,14 +124,12 @@ class Shard:
     @property
     def reserved_kv_tokens(self) -> int:
         """Positions reserved by open sessions (the sum of their max lengths)."""
-        return sum(s.max_length for s in self._sessions.values())
+        return self._table.reserved_kv_tokens
 
     @property
     def free_kv_tokens(self) -> int | None:
         """Positions a new session may still reserve; None when the shard has no cap."""
-        if self.spec.max_kv_tokens is None:
-            return None
-        return self.spec.max_kv_tokens - self.reserved_kv_tokens
+        return self._table.free_kv_tokens
 
     def kv_bytes_per_token(self) -> int:
         """KV bytes one position of one session costs on this shard (all held layers)."""
@@ -302,19 +151,13 @@ class Shard:
             self.expire_idle()
             if not isinstance(session_id, str) or not session_id:
                 raise BadStepError(f"session id must be a non-empty string, got {session_id!r}")
-            if session_id in self._sessions:
-                raise SessionExistsError(f"session {session_id!r} is already open")
             max_positions = int(getattr(self.config, "max_position_embeddings", max_length) or max_length)
             if not isinstance(max_length, int) or not 1 <= max_length <= max_positions:
                 raise SessionLengthError(
                     f"session {session_id!r}: max_length must be in [1, {max_positions}], got {max_length!r}"
                 )
             start, end = self._check_layers(layers if layers is not None else (self.start, self.end))
-            free = self.free_kv_tokens
-            if free is not None and max_length > free:
-                raise KVCapacityError(
-                    f"session {session_id!r}: max_length {max_length} exceeds the {free} free KV positions"
-                )
+            self._table.check_room(session_id, max_length)
             sampler = None
             history = None
             if end == self.num_model_layers:
@@ -332,55 +175,29 @@ class Shard:
                 dtype=self.dtype,
                 device=self.device,
             )
-            session = _Session(session_id, start, end, max_length, kv, sampler, history, self.clock())
-            self._sessions[session_id] = session
-            self._closed.pop(session_id, None)
-            logger.debug(
-                "session %s opened: layers [%d, %d), max_length %d", session_id, start, end, max_length
-            )
+            session = Session(session_id, start, end, max_length, kv, sampler, history, self.clock())
+            self._table.add(session)
             return session.info(session.last_used)
 
     def close_session(self, session_id: str) -> None:
         """Free the session's KV cache. Closing an unknown session is an error; twice is an error."""
         with self._lock:
-            self._get(session_id)
-            self._forget(session_id, "closed")
+            self._table.close(session_id)
 
     def session(self, session_id: str) -> SessionInfo:
         with self._lock:
-            return self._get(session_id).info(self.clock())
+            return self._table.get(session_id).info(self.clock())
 
     def sessions(self) -> list[SessionInfo]:
         with self._lock:
             now = self.clock()
-            return [s.info(now) for s in self._sessions.values()]
+            return [s.info(now) for s in self._table]
 
     def expire_idle(self, now: float | None = None) -> list[str]:
-        """Close sessions idle for more than `idle_timeout_s`; returns their ids."""
+        """Close sessions idle for more than `idle_timeout_s`; returns their ids. Steps and opens
+        call it themselves; a node may also call it on a timer."""
         with self._lock:
-            now = self.clock() if now is None else now
-            expired = [
-                sid for sid, s in self._sessions.items() if now - s.last_used > self.spec.idle_timeout_s
-            ]
-            for sid in expired:
-                self._forget(sid, f"expired after {self.spec.idle_timeout_s:g} s idle")
-            return expired
-
-    def _forget(self, session_id: str, reason: str) -> None:
-        del self._sessions[session_id]
-        self._closed[session_id] = reason
-        while len(self._closed) > CLOSED_MEMORY:
-            self._closed.popitem(last=False)
-        logger.debug("session %s %s", session_id, reason)
-
-    def _get(self, session_id: str) -> _Session:
-        session = self._sessions.get(session_id)
-        if session is not None:
-            return session
-        reason = self._closed.get(session_id)
-        if reason is not None:
-            raise SessionClosedError(f"session {session_id!r} is {reason}")
-        raise UnknownSessionError(f"session {session_id!r} is not open on layers [{self.start}, {self.end})")
+            return self._table.expire_idle(now)
 
     def _check_layers(self, layers: tuple[int, int]) -> tuple[int, int]:
         try:
@@ -399,7 +216,7 @@ class Shard:
         """Refuse a malformed request with a named error, touching no tensor data but token ids'
         range. `step_batch` calls this for every request before running any."""
         with self._lock:
-            self._validate(request, self._get(request.session_id))
+            self._validate(request, self._table.get(request.session_id))
 
     def step(self, request: StepRequest) -> StepResult:
         return self.step_batch([request])[0]
@@ -417,12 +234,12 @@ class Shard:
                 if request.session_id in seen:
                     raise BadStepError(f"session {request.session_id!r} appears twice in one batch")
                 seen.add(request.session_id)
-                session = self._get(request.session_id)
+                session = self._table.get(request.session_id)
                 self._validate(request, session)
                 sessions.append(session)
             return self._run(list(requests), sessions)
 
-    def _validate(self, request: StepRequest, session: _Session) -> None:
+    def _validate(self, request: StepRequest, session: Session) -> None:
         sid = request.session_id
         if request.layers is not None:
             layers = self._check_layers(request.layers)
@@ -451,7 +268,7 @@ class Shard:
                 f"session {sid!r} samples with a repetition penalty: its steps must carry token_ids"
             )
 
-    def _check_inputs(self, request: StepRequest, session: _Session) -> int:
+    def _check_inputs(self, request: StepRequest, session: Session) -> int:
         sid = request.session_id
         ids, hidden = request.token_ids, request.hidden_states
         takes_ids = session.start == 0
@@ -490,7 +307,7 @@ class Shard:
 
     # --- running -------------------------------------------------------------------------------
 
-    def _run(self, requests: list[StepRequest], sessions: list[_Session]) -> list[StepResult]:
+    def _run(self, requests: list[StepRequest], sessions: list[Session]) -> list[StepResult]:
         positions = []
         for request, session in zip(requests, sessions):
             position = session.kv.length if request.position is None else request.position
@@ -630,7 +447,7 @@ class Shard:
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.where(allowed, zero, torch.finfo(self.dtype).min)
 
-    def _result(self, request: StepRequest, session: _Session, position: int, out: _Output) -> StepResult:
+    def _result(self, request: StepRequest, session: Session, position: int, out: _Output) -> StepResult:
         n = request.num_tokens
         if session.end < self.num_model_layers:
             hidden = out.hidden[0] if len(out.hidden) == 1 else torch.cat(out.hidden)
@@ -645,89 +462,3 @@ class Shard:
         if request.return_logits:
             logits = out.logits[0] if len(out.logits) == 1 else torch.cat(out.logits)
         return StepResult(request.session_id, position, n, token_id=token, logits=logits, finished=finished)
-
-
-def load_shard(spec: ShardSpec, *, clock: Callable[[], float] = time.monotonic) -> Shard:
-    """Build layers [spec.start, spec.end) of the checkpoint with the family's own `transformers`
-    modules, reading only their tensors (and the embedding / final norm and head where held)."""
-    device = resolve_device(spec.device)
-    dtype = parse_dtype(spec.dtype)
-    checkpoint = open_checkpoint(spec.model_path, attn_implementation=spec.attn_implementation)
-    config = checkpoint.config
-    family = check_supported(config)
-    num_layers = int(config.num_hidden_layers)
-    if not (
-        isinstance(spec.start, int) and isinstance(spec.end, int) and 0 <= spec.start < spec.end <= num_layers
-    ):
-        raise LayerRangeError(
-            f"{spec.model_path}: layers [{spec.start}, {spec.end}) are not a non-empty range of its {num_layers} layers"
-        )
-    if spec.max_chunk_tokens < 1 or spec.max_batch_tokens < spec.max_chunk_tokens:
-        raise ShardSpecError("max_chunk_tokens must be >= 1 and max_batch_tokens >= max_chunk_tokens")
-    if not spec.idle_timeout_s > 0 or (spec.max_kv_tokens is not None and spec.max_kv_tokens < 0):
-        raise ShardSpecError("idle_timeout_s must be > 0 and max_kv_tokens >= 0 (or None)")
-    if not spec.max_padding_ratio >= 1:
-        raise ShardSpecError(f"max_padding_ratio must be >= 1, got {spec.max_padding_ratio}")
-
-    layers = nn.ModuleList()
-    for index in range(spec.start, spec.end):
-        with torch.device("meta"):
-            layer = family.decoder_layer(config, index)
-        _assign(layer, checkpoint, layer_prefix(index), device, dtype)
-        layers.append(layer)
-
-    embed_tokens = None
-    if spec.start == 0:
-        with torch.device("meta"):
-            embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        _assign(embed_tokens, checkpoint, EMBEDDING_TENSOR.removesuffix("weight"), device, dtype)
-
-    norm = lm_head = None
-    if spec.end == num_layers:
-        with torch.device("meta"):
-            norm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
-            lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        _assign(norm, checkpoint, FINAL_NORM_TENSOR.removesuffix("weight"), device, dtype)
-        if tie_word_embeddings(config):
-            if embed_tokens is not None:
-                lm_head.weight = embed_tokens.weight
-            else:
-                _assign(lm_head, checkpoint, "", device, dtype, names={"weight": EMBEDDING_TENSOR})
-        else:
-            _assign(lm_head, checkpoint, LM_HEAD_TENSOR.removesuffix("weight"), device, dtype)
-
-    rotary_emb = family.rotary_embedding(config=config).to(device)
-    shard = Shard(spec, config, family, layers, embed_tokens, norm, lm_head, rotary_emb, device, dtype, clock)
-    for module in (layers, embed_tokens, norm, lm_head, rotary_emb):
-        if module is not None:
-            module.eval().requires_grad_(False)
-    logger.info(
-        "loaded %s layers [%d, %d) of %d on %s as %s%s%s",
-        spec.model_path, spec.start, spec.end, num_layers, device, dtype,
-        " with embedding" if embed_tokens is not None else "", " with head" if lm_head is not None else "",
-    )  # fmt: skip
-    return shard
-
-
-def _assign(
-    module: nn.Module,
-    checkpoint: Checkpoint,
-    prefix: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    names: dict[str, str] | None = None,
-) -> None:
-    """Fill a module built on the meta device with its checkpoint tensors (every parameter and
-    persistent buffer, shapes checked), so no random initial weights are ever allocated."""
-    expected = {key: tensor.shape for key, tensor in module.state_dict().items()}
-    names = names or {key: prefix + key for key in expected}
-    loaded = checkpoint.load(names.values(), device=device, dtype=dtype)
-    state = {}
-    for key, shape in expected.items():
-        tensor = loaded[names[key]]
-        if tensor.shape != shape:
-            raise MissingTensorError(
-                f"{checkpoint.source}: tensor {names[key]!r} has shape {tuple(tensor.shape)}, the config implies {tuple(shape)}"
-            )
-        state[key] = tensor
-    module.load_state_dict(state, strict=True, assign=True)
