@@ -1,0 +1,98 @@
+"""What `helix status` shows: the live registry and the plan the election rule makes current, as
+one JSON-ready document and as a table. Pure: the caller reads the DHT."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from helix_p2p.swarm.election import choose_plan, elect_planner
+from helix_p2p.swarm.records import NodeRecord, PlanRecord
+
+
+def main_model(records: Iterable[NodeRecord]) -> str | None:
+    """The model most live nodes serve (a swarm normally serves one)."""
+    counts = Counter(r.model.id for r in records)
+    return max(counts, key=lambda m: (counts[m], m)) if counts else None
+
+
+def held_tokens_per_s(record: NodeRecord) -> float | None:
+    """What the node sustains with the layers it holds now; None when it holds none."""
+    if record.layers is None:
+        return None
+    k = record.layers[1] - record.layers[0]
+    return record.tokens_per_s[k - 1] if k <= len(record.tokens_per_s) else None
+
+
+def swarm_status(
+    records: Mapping[str, NodeRecord], plans: Iterable[PlanRecord], now: float, model_id: str | None = None
+) -> dict[str, Any]:
+    live = [r for r in records.values() if not r.is_stale(now)]
+    model_id = model_id or main_model(live)
+    plan = None
+    if model_id is not None:
+        plan = choose_plan(list(plans), elect_planner({r.peer_id: r for r in live}, now, model_id), None, model_id)
+    nodes = sorted(live, key=lambda r: (r.layers or (10**9, 0), r.name, r.peer_id))
+    return {
+        "model": model_id,
+        "nodes": [
+            {
+                "peer_id": r.peer_id,
+                "name": r.name,
+                "gpu": r.gpu,
+                "state": r.state.value,
+                "layers": list(r.layers) if r.layers else None,
+                "tokens_per_s": held_tokens_per_s(r),
+                "free_kv_tokens": r.free_kv_tokens,
+                "reachability": r.reachability.value,
+            }
+            for r in nodes
+        ],
+        "plan": None
+        if plan is None
+        else {
+            "epoch": plan.epoch,
+            "planner": plan.planner,
+            "method": plan.method,
+            "objective_tokens_per_s": plan.objective_tokens_per_s,
+            "upper_bound_tokens_per_s": plan.upper_bound_tokens_per_s,
+            "placement": {peer: list(span) for peer, span in sorted(plan.placement.items(), key=lambda x: x[1])},
+        },
+    }
+
+
+def format_status(doc: Mapping[str, Any]) -> str:
+    rows = [("NAME", "PEER", "GPU", "STATE", "LAYERS", "TOKENS/S", "FREE KV", "REACH")]
+    for n in doc["nodes"]:
+        rows.append(
+            (
+                n["name"] or "-",
+                _short(n["peer_id"]),
+                n["gpu"],
+                n["state"],
+                "-" if n["layers"] is None else f"[{n['layers'][0]}, {n['layers'][1]})",
+                "-" if n["tokens_per_s"] is None else f"{n['tokens_per_s']:.1f}",
+                str(n["free_kv_tokens"]),
+                n["reachability"],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"swarm model: {doc['model'] or '-'}, {len(doc['nodes'])} live node(s)", ""]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.append("")
+    plan = doc["plan"]
+    if plan is None:
+        lines.append("plan: none yet (no plan from the elected planner)")
+    else:
+        bound = plan["upper_bound_tokens_per_s"]
+        lines.append(
+            f"plan: epoch {plan['epoch']} by {_short(plan['planner'])} ({plan['method']}), "
+            f"flow {plan['objective_tokens_per_s']:.1f} tokens/s, "
+            f"bound {'none' if bound is None else f'{bound:.1f} tokens/s'}, {len(plan['placement'])} node(s) hold layers"
+        )
+    return "\n".join(lines)
+
+
+def _short(peer_id: str) -> str:
+    return peer_id if len(peer_id) <= 14 else f"{peer_id[:6]}..{peer_id[-6:]}"

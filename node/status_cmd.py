@@ -1,0 +1,83 @@
+"""`helix status --initial-peers MADDR [--json]`: the swarm as the DHT holds it now: each live node's
+name, GPU, state, layers, tokens/s and free KV, and the current plan (the newest from the elected
+planner). A short-lived DHT client peer with a throw-away identity does the reading."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+DEFAULT_PREFIX = "helix"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "status",
+        help="show the swarm: nodes, their layers and throughput, and the current plan",
+        description="Read the swarm's registry and plan from the DHT and print them.",
+    )
+    add_swarm_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--model-id", help="the model whose plan to show (default: the one most nodes serve)")
+    p.set_defaults(func=run)
+
+
+def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="multiaddrs of swarm peers")
+    p.add_argument("--swarm", default=DEFAULT_PREFIX, metavar="PREFIX", help=f"swarm name (default {DEFAULT_PREFIX})")
+    p.add_argument("--connect-timeout-s", type=float, default=20.0, help="give up reaching the swarm after this long")
+
+
+@asynccontextmanager
+async def swarm_client(
+    initial_peers: list[str], prefix: str, connect_timeout_s: float, *, client_mode: bool = True, host: str = "127.0.0.1",
+    port: int = 0,
+) -> AsyncIterator:  # fmt: skip
+    """A DHT peer for one command, with a throw-away identity (its key file is removed after)."""
+    from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
+    from helix_p2p.swarm.identity import ephemeral_identity
+
+    identity = ephemeral_identity()
+    try:
+        options = NetworkOptions(
+            host=host,
+            port=port,
+            client_mode=client_mode,
+            use_auto_relay=False,
+            connect_timeout_s=connect_timeout_s,
+            check_identity_free=False,
+        )
+        dht = await SwarmDHT.start(identity, prefix, initial_peers, options)
+        try:
+            yield dht
+        finally:
+            await dht.shutdown()
+    finally:
+        if identity.path.exists():
+            identity.path.chmod(0o600)
+            identity.path.unlink()
+
+
+async def read_status(args: argparse.Namespace) -> dict:
+    from helix_p2p.swarm.status import swarm_status
+
+    async with swarm_client(args.initial_peers, args.swarm, args.connect_timeout_s) as dht:
+        records, plans = await dht.read()
+    return swarm_status(records, [p.record for p in plans], time.time(), args.model_id)
+
+
+def run(args: argparse.Namespace) -> int:
+    from helix_p2p.swarm.status import format_status
+
+    doc = asyncio.run(read_status(args))
+    if args.json:
+        json.dump({"nodes": doc["nodes"], "plan": doc["plan"], "model": doc["model"]}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_status(doc))
+    return 0
