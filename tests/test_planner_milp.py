@@ -169,7 +169,7 @@ def random_small_cluster(seed: int) -> Cluster:
             return cluster
 
 
-RANDOM_SEEDS = range(24)
+RANDOM_SEEDS = range(40)
 
 # ----------------------------------------------------------------------------------------- checks
 
