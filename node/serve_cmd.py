@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-sessions-per-peer", type=int, default=256)
     a("--max-queued-steps-per-peer", type=int, default=256)
     a("--max-step-tokens", type=int, default=8192)
+    a("--threads", type=int, help="torch's CPU threads for this process (default: torch's choice)")
     a("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
@@ -55,6 +56,11 @@ async def serve(args: argparse.Namespace) -> int:
     from helix_p2p.shard import ShardSpec, load_shard
 
     from .serving import attach_data_plane
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     limits = DataPlaneLimits(
         max_sessions_per_peer=args.max_sessions_per_peer,
