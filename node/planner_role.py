@@ -137,7 +137,7 @@ class PlannerRole:
             return
         record = plan_record_of(
             new,
-            epoch=next_epoch(plans, set(members) | {self.me}, followed),
+            epoch=next_epoch(plans, self.me, followed),
             planner=self.me,
             model=self.model_id,
             num_layers=cluster.model.num_layers,

@@ -218,6 +218,48 @@ def route_along_flows(plan):
     return hops
 
 
+def test_helix_status_and_doctor_read_the_swarm(swarm):
+    import json
+    import subprocess
+    import sys
+
+    plan = plan_that(swarm, covers_every_layer, REPLAN_BOUND_S, "a covering plan")
+    helix = [str(Path(sys.executable).with_name("helix"))]  # the console script of this venv
+    done = subprocess.run(
+        [*helix, "status", "--initial-peers", *swarm.maddrs, "--json"],
+        check=False, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    names = {n["name"]: n for n in doc["nodes"]}
+    assert {"n1", "n2", "n3", "n4", "nat"} <= set(names)
+    assert set(doc["nodes"][0]) >= {
+        "peer_id",
+        "name",
+        "gpu",
+        "state",
+        "layers",
+        "tokens_per_s",
+        "free_kv_tokens",
+    }
+    assert doc["plan"]["epoch"] >= plan.epoch and doc["plan"]["planner"] == plan.planner
+    for name, n in names.items():
+        if n["layers"] is not None:
+            k = n["layers"][1] - n["layers"][0]
+            assert n["tokens_per_s"] == TABLES[name][k - 1] and n["free_kv_tokens"] > 0
+
+    done = subprocess.run(
+        [*helix, "doctor", "--initial-peers", *swarm.maddrs, "--host", "127.0.0.1", "--probe-bytes", "65536",
+         "--device", "cpu"],
+        check=False, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "ok   reached the swarm" in out and "ok   reachable directly" in out
+    assert "ok   link to bootstrap: rtt" in out and "ok   CPU:" in out
+    assert f"plan epoch {doc['plan']['epoch']}" in out or "plan epoch" in out
+
+
 def test_a_plan_signed_by_a_member_that_is_not_elected_is_ignored(swarm):
     from helix_p2p.swarm.identity import load_identity
 

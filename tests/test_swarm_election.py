@@ -85,11 +85,15 @@ def test_a_new_planner_takes_over_even_below_the_old_epoch():
     assert choose_plan([old, takeover], "QmB", old, MODEL.id) == takeover
 
 
-def test_next_epoch_counts_past_trusted_planners_only():
+def test_next_epoch_counts_past_its_own_plans_and_the_followed_one_only():
     plans = [plan(4, "QmA", {"QmA": (0, 8)}), plan(1000, "QmX", {"QmX": (0, 8)})]
-    assert next_epoch(plans, {"QmA", "QmB"}, None) == 5
-    assert next_epoch(plans, {"QmB"}, plan(9, "QmA", {"QmA": (0, 8)})) == 10
-    assert next_epoch([], {"QmB"}, None) == 1
+    assert next_epoch(plans, "QmA", None) == 5  # a restarted planner outranks its old plan
+    assert next_epoch(plans, "QmB", plan(9, "QmA", {"QmA": (0, 8)})) == 10
+    assert next_epoch(plans, "QmB", None) == 1  # QmX's huge epoch does not inflate ours
+    # and nodes still switch to the new planner's lower epoch
+    assert (
+        choose_plan([plans[1], plan(1, "QmB", {"QmB": (0, 8)})], "QmB", plans[1], MODEL.id).planner == "QmB"
+    )
 
 
 # ------------------------------------------------------------------------------- registry as cluster

@@ -48,13 +48,13 @@ def choose_plan(
     return current
 
 
-def next_epoch(
-    plans: Iterable[PlanRecord], trusted_planners: Iterable[str], current: PlanRecord | None
-) -> int:
-    """The epoch for a new plan: one past every epoch from a planner we trust (live members and
-    ourselves) and past the plan we follow, so our plan outranks what any node may be following."""
-    trusted = set(trusted_planners)
-    epochs = [p.epoch for p in plans if p.planner in trusted]
+def next_epoch(plans: Iterable[PlanRecord], planner: str, current: PlanRecord | None) -> int:
+    """The epoch for `planner`'s next plan: past the plan it follows and past any plan it signed
+    before (a restarted planner's old plan may still be in the DHT, and nodes following it accept
+    only a newer epoch from the same planner). Other peers' epochs do not count: a node adopts the
+    elected planner's plan whatever the epoch of a plan from a planner no longer elected, so no
+    member can push the epochs up by publishing a huge one."""
+    epochs = [p.epoch for p in plans if p.planner == planner]
     if current is not None:
         epochs.append(current.epoch)
     return max(epochs, default=0) + 1
