@@ -1,6 +1,6 @@
 """Planner benchmark: every method on the Helix paper's clusters and on seeded synthetic clusters.
 
-    python benchmarks/planner.py [--time-limit 60] [--backend scip] [--backends] [--only NAME ...]
+    python benchmarks/planner.py [--time-limit 60] [--backend highs] [--backends] [--only NAME ...]
 
 For each cluster: each method's flow (tokens/s, exact max flow of its placement), the proven bound
 (MILP only), the gap, the seconds taken, and the MILP's flow over the paper's published figure
@@ -70,7 +70,7 @@ def run_cluster(name: str, time_limit_s: float, backend: str) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--time-limit", type=float, default=60.0, help="MILP time limit per cluster (s)")
-    parser.add_argument("--backend", choices=list(BACKENDS), default="scip")
+    parser.add_argument("--backend", choices=list(BACKENDS), default=BACKENDS[0])
     parser.add_argument("--backends", action="store_true", help="also compare the MILP backends")
     parser.add_argument("--only", nargs="*", help="cluster names to run (default: all)")
     args = parser.parse_args()
@@ -83,7 +83,7 @@ def main() -> int:
             print(line, flush=True)
     if args.backends:
         print("\nMILP backends (same model, same time limit)")
-        print("| cluster | backend | flow | bound | gap % | seconds | flow/scip flow |")
+        print("| cluster | backend | flow | bound | gap % | seconds | flow/first backend flow |")
         print("|---|---|---|---|---|---|---|")
         for name in ["cluster10-llama30b", "single24-llama70b", "single24-llama30b", "synthetic-100"]:
             if args.only and name not in args.only:

@@ -41,8 +41,8 @@ class Plan:
         """Relative gap between the bound and the flow found, (bound - flow) / bound."""
         if self.upper_bound_tokens_per_s is None:
             return None
-        if self.upper_bound_tokens_per_s <= 0:
-            return 0.0
+        if self.upper_bound_tokens_per_s - self.objective_tokens_per_s <= 1e-9:
+            return 0.0  # also a cluster that can carry no flow, bounded by a sliver above 0
         return max(0.0, (self.upper_bound_tokens_per_s - self.objective_tokens_per_s) / self.upper_bound_tokens_per_s)
 
 

@@ -52,7 +52,8 @@ from helix_p2p.planner.bounds import counting_bound
 from helix_p2p.planner.classes import ClassLink, NodeClass, class_links, free_blocks, node_classes, split_for_exactness
 from helix_p2p.planner.core import BACKEND_NAMES, PlanOptions, Progress, plan_from_placement
 
-BACKENDS = dict(zip(BACKEND_NAMES, (mathopt.SolverType.GSCIP, mathopt.SolverType.HIGHS, mathopt.SolverType.CP_SAT)))
+_SOLVERS = {"scip": mathopt.SolverType.GSCIP, "highs": mathopt.SolverType.HIGHS, "cpsat": mathopt.SolverType.CP_SAT}
+BACKENDS = {name: _SOLVERS[name] for name in BACKEND_NAMES}
 
 Range = tuple[int, int]  # (start, k)
 
@@ -97,6 +98,7 @@ def build_model(
     mode: str = "full",
     cap_tokens_per_s: float | None = None,
     links: dict[tuple[int, int], ClassLink] | None = None,
+    deadline: float | None = None,
 ) -> ClassModel:
     """The model above. `mode` says how flow between blocks is modelled:
     - "full": bounded per class pair as derived above;
@@ -112,6 +114,7 @@ def build_model(
     ending: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # (class, boundary) -> keys
     starting: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     for c, cls in enumerate(classes):
+        _check_deadline(deadline)
         for start, k in ranges_of(cls, num_layers):
             key = (c, start, k)
             y[key] = model.add_integer_variable(lb=0, ub=cls.count, name=f"y[{c},{start},{k}]")
@@ -133,6 +136,7 @@ def build_model(
     block_of = {c: x for x, block in enumerate(blocks) for c in block}
     restrict = mode == "restricted"
     for p in range(1, num_layers):
+        _check_deadline(deadline)
         if len(blocks) == 1:
             ends = [key for c in range(len(classes)) for key in ending.get((c, p), [])]
             starts = [key for c in range(len(classes)) for key in starting.get((c, p), [])]
@@ -243,7 +247,13 @@ def hint_for(cm: ClassModel, cluster: Cluster, placement: Placement) -> mathopt.
     return mathopt.SolutionHint(variable_values=values)
 
 
-def add_cover_cuts(cm: ClassModel, cluster: Cluster, target: float, levels: tuple[int, ...] = (2, 3, 4, 5, 6)) -> None:
+def add_cover_cuts(
+    cm: ClassModel,
+    cluster: Cluster,
+    target: float,
+    levels: tuple[int, ...] = (2, 3, 4, 5, 6),
+    deadline: float | None = None,
+) -> None:
     """(5) cover cuts, valid for placements whose flow is at least `target`.
 
     Every token passes every layer on exactly one node, so the nodes holding layer l carry the
@@ -261,6 +271,7 @@ def add_cover_cuts(cm: ClassModel, cluster: Cluster, target: float, levels: tupl
         for layer in range(start, start + k):
             coverage[layer].append(key)
     for layer, keys in coverage.items():
+        _check_deadline(deadline)
         weights = {
             key: range_capacity(cm.classes[key[0]], key[1], key[2], num_layers) / target for key in keys
         }
@@ -303,12 +314,17 @@ def _attempt(
     whether the target is reachable (a flow scales down), and then no node carries more than
     the target, which tightens (2) to h <= min(u, target) * y."""
     started = time.monotonic()
-    cm = build_model(cluster, classes, mode, cap_tokens_per_s=target if exactly else None, links=links)
-    if exactly:
-        cm.model.add_linear_constraint(cm.flow == target)
-    else:
-        cm.model.add_linear_constraint(cm.flow >= target)
-    add_cover_cuts(cm, cluster, target)
+    try:
+        cm = build_model(
+            cluster, classes, mode, cap_tokens_per_s=target if exactly else None, links=links, deadline=deadline
+        )
+        if exactly:
+            cm.model.add_linear_constraint(cm.flow == target)
+        else:
+            cm.model.add_linear_constraint(cm.flow >= target)
+        add_cover_cuts(cm, cluster, target, deadline=deadline)
+    except _OutOfTime:
+        return _Attempt(target, False, False, None, None, "OUT_OF_TIME_BUILDING", time.monotonic() - started)
     params = mathopt.SolveParameters(
         # model building counts against the caller's time too
         time_limit=datetime.timedelta(seconds=max(0.2, deadline - time.monotonic())),
@@ -519,6 +535,16 @@ def _within_blocks(
 def _dual_bound(result: mathopt.SolveResult) -> float | None:
     bound = result.termination.objective_bounds.dual_bound
     return None if math.isinf(bound) or math.isnan(bound) else bound
+
+
+class _OutOfTime(Exception):
+    """Building a model ran past the attempt's deadline (building is Python, and at hundreds of
+    nodes it can take longer than the solve would have had)."""
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise _OutOfTime
 
 
 class _ProgressTracker:
