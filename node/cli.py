@@ -267,7 +267,7 @@ def run_join(args: argparse.Namespace) -> int:
 
     from helix_p2p.shard import dtype_bytes, max_layers_for_budget, open_checkpoint
     from helix_p2p.swarm.identity import ephemeral_identity, load_identity
-    from helix_p2p.swarm.records import ModelInfo
+    from helix_p2p.swarm.records import MAX_NAME_CHARS, ModelInfo
 
     from .layers import ShardLoader
     from .node import Node
@@ -306,7 +306,8 @@ def run_join(args: argparse.Namespace) -> int:
             model,
             throughput.tokens_per_s,
             max_layers,
-            throughput.gpu or gpu_name(device),
+            # the record caps names (MAX_NAME_CHARS); a long CPU model name must not void the record
+            "".join(c for c in (throughput.gpu or gpu_name(device)) if c.isprintable())[:MAX_NAME_CHARS],
             memory_bytes,
             ShardLoader(config.model, device, dtype, memory_bytes),
         )

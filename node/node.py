@@ -18,7 +18,6 @@ import logging
 import random
 import signal
 import time
-from dataclasses import replace
 
 from helix_p2p import __version__
 from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
@@ -95,6 +94,8 @@ class Node:
         self.addrs: tuple[str, ...] = ()
         self._announce_now = asyncio.Event()
         self._stop = asyncio.Event()
+        #: a second signal: stop waiting for running sessions
+        self._hurry = asyncio.Event()
         self._rng = random.Random(identity.peer_id)
 
     @property
@@ -145,17 +146,18 @@ class Node:
                 ", ".join(self.addrs) or "no direct address",
             )  # fmt: skip
             await self._announce()
-            tasks = [
+            loops = [
                 asyncio.create_task(self._announce_loop(), name="announce"),
                 asyncio.create_task(self._watch_loop(), name="watch"),
                 asyncio.create_task(self._probe_loop(), name="probe"),
                 asyncio.create_task(self._check_reachability(), name="reachability"),
-                asyncio.create_task(self.layers.run(), name="layers"),
             ]
+            tasks = [*loops, asyncio.create_task(self.layers.run(), name="layers")]
             crashed: list[BaseException] = []
 
             def watch(task: asyncio.Task) -> None:
                 if not task.cancelled() and task.exception() is not None:
+                    logger.error("the %s task failed: %r", task.get_name(), task.exception())
                     crashed.append(task.exception())
                     self._stop.set()
 
@@ -164,11 +166,11 @@ class Node:
             await self._stop.wait()
             if crashed:
                 raise crashed[0]
-            # Quiet the loops first so that the "leaving" record is the last one this node writes.
-            for task in tasks:
-                if task.get_name() != "layers":
-                    task.cancel()
-            await asyncio.gather(*tasks[:-1], return_exceptions=True)
+            # Quiet the loops first so that the "leaving" record is the last one this node writes;
+            # the layers stay loaded for the sessions that finish during the grace period.
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
             await self._leave()
             return 0
         finally:
@@ -189,7 +191,7 @@ class Node:
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
             logger.warning("second %s: leaving without waiting for sessions", sig.name)
-            self.config = replace(self.config, grace_s=0)
+            self._hurry.set()
             return
         logger.info("%s: leaving the swarm", sig.name)
         self._stop.set()
@@ -205,7 +207,12 @@ class Node:
             logger.warning(
                 "could not announce leaving in time; peers will drop this node when its record goes stale"
             )
-        remaining = await self.sessions.drain(self.config.grace_s)
+        drain = asyncio.create_task(self.sessions.drain(self.config.grace_s))
+        hurry = asyncio.create_task(self._hurry.wait())
+        await asyncio.wait([drain, hurry], return_when=asyncio.FIRST_COMPLETED)
+        for task in (drain, hurry):
+            task.cancel()
+        remaining = self.sessions.running
         if remaining:
             logger.warning(
                 "left with %d sessions still running after the %.0f s grace period",

@@ -200,3 +200,18 @@ def test_a_failed_load_keeps_the_old_layers(tiny_model):
         runner.cancel()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_throughput_auto_profiles_the_device_once_then_reads_the_cache(tiny_model, tmp_path, monkeypatch):
+    from helix_p2p.node.cli import profile_throughput
+
+    monkeypatch.setenv("HELIX_P2P_CACHE_DIR", str(tmp_path))
+    c = config(model=str(tiny_model), device="cpu", dtype="float32", max_memory_bytes=1 << 30)
+    first = profile_throughput(c)
+    assert len(first.tokens_per_s) == 8 and all(x > 0 for x in first.tokens_per_s)
+    # more layers per token cost more time: the table falls
+    assert list(first.tokens_per_s) == sorted(first.tokens_per_s, reverse=True)
+    assert first.gpu.startswith("CPU")
+    assert list(tmp_path.glob("profiles/*.json"))
+    assert profile_throughput(c) == first

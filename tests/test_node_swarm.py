@@ -10,7 +10,8 @@ more than all the checks together):
 4. a node behind a strict NAT (no inbound connections, DHT client) joins; its record says it is
    reachable only through a relay, its links get measured and the planner counts it;
 5. a new node joins and gets layers;
-6. a node leaving (SIGTERM) exits 0 and triggers a plan without it;
+6. a node leaving (SIGTERM) refuses new sessions, lets its running one finish, exits 0 as soon as
+   it has, and triggers a plan without it;
 7. a crashed node (SIGKILL) is planned around;
 8. killing the planner: another node publishes a newer plan within one record TTL.
 
@@ -27,13 +28,24 @@ from pathlib import Path
 import pytest
 from procs import FAST, Proc, Processes, SwarmObserver, start_bootstrap, start_node, wait_for
 
+from helix_p2p.errors import HelixError
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 NUM_LAYERS = 8
 MODEL_ID = "tiny-llama"
 TTL_S = 10.0
 REFRESH_S = 1.5
-TIMINGS = dict(FAST, **{"--ttl-s": str(TTL_S), "--refresh-s": str(REFRESH_S), "--probe-max-age-s": "20"})
+GRACE_S = 20.0
+TIMINGS = dict(
+    FAST,
+    **{
+        "--ttl-s": str(TTL_S),
+        "--refresh-s": str(REFRESH_S),
+        "--probe-max-age-s": "20",
+        "--grace-s": str(GRACE_S),
+    },
+)
 PLANNER = ("--planner-method", "petals")
 #: what the cluster sustains with k layers held: four different "GPUs" (n2 holds the most)
 TABLES = {
@@ -345,13 +357,34 @@ def test_a_new_node_joins_and_gets_layers(swarm):
     wait_for(lambda: loaded(swarm, plan), REPLAN_BOUND_S, "the new plan loaded", describe=swarm.report)
 
 
-def test_a_leaving_node_exits_cleanly_and_is_planned_around(swarm):
+def test_a_leaving_node_finishes_its_sessions_refuses_new_ones_and_is_planned_around(swarm):
+    from helix_p2p.protocol.driver import RemoteSession
+
     n3 = peer_of(swarm, "n3")
-    before = plan_that(swarm, lambda p: n3 in p.members, REPLAN_BOUND_S, "a plan with n3")
+    before = plan_that(
+        swarm, lambda p: n3 in p.placement and covers_every_layer(p), REPLAN_BOUND_S, "n3 placed"
+    )
+    wait_for(lambda: loaded(swarm, before), REPLAN_BOUND_S, "the plan loaded", describe=swarm.report)
+    p2p = swarm.observer.dht.p2p
+    route = route_through(before, n3)
+    session = swarm.observer.run(RemoteSession.open(p2p, route, max_length=32))
+    token = swarm.observer.run(session.step([5, 17, 42])).token_id
+
+    proc = swarm.nodes["n3"]
     swarm.stopped.add("n3")
-    swarm.procs.signal(swarm.nodes["n3"], signal.SIGTERM)
-    assert swarm.procs.wait(swarm.nodes["n3"], 60) == 0
-    assert "state serving -> leaving" in swarm.nodes["n3"].stderr()
+    swarm.procs.signal(proc, signal.SIGTERM)
+    wait_for(
+        lambda: "state serving -> leaving" in proc.stderr(), 30, "n3 to start leaving", describe=swarm.report
+    )
+    with pytest.raises(HelixError, match="leaving"):
+        swarm.observer.run(RemoteSession.open(p2p, route, max_length=32))
+    swarm.observer.run(session.step([token]))  # the running session still runs on n3
+    swarm.observer.run(session.close())
+    closed_at = time.monotonic()
+    assert swarm.procs.wait(proc, GRACE_S + 30) == 0
+    assert time.monotonic() - closed_at < GRACE_S  # it left when its last session closed
+    assert "still running" not in proc.stderr()
+
     plan = plan_that(
         swarm,
         lambda p: p.epoch > before.epoch and n3 not in p.members and covers_every_layer(p),
@@ -359,6 +392,28 @@ def test_a_leaving_node_exits_cleanly_and_is_planned_around(swarm):
         "a plan without n3",
     )
     wait_for(lambda: loaded(swarm, plan), REPLAN_BOUND_S, "the repaired plan loaded", describe=swarm.report)
+
+
+def route_through(plan, peer: str):
+    """A route over the whole model whose hops include `peer`'s whole range, the rest taken from
+    other nodes (sub-ranges where needed)."""
+    from helix_p2p.protocol.messages import RouteHop
+
+    start, end = plan.placement[peer]
+    hops: list[RouteHop] = []
+
+    def cover(position: int, upto: int) -> int:
+        while position < upto:
+            here = [(p, e) for p, (s, e) in plan.placement.items() if p != peer and s <= position < e]
+            other, reach = max(here, key=lambda c: c[1])
+            hops.append(RouteHop(other, position, min(reach, upto)))
+            position = min(reach, upto)
+        return position
+
+    cover(0, start)
+    hops.append(RouteHop(peer, start, end))
+    cover(end, NUM_LAYERS)
+    return hops
 
 
 def test_a_crashed_node_is_planned_around(swarm):
