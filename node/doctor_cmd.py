@@ -56,12 +56,16 @@ async def check_network(args: argparse.Namespace, say: Callable[[str], None]) ->
         async with swarm_client(
             args.initial_peers, args.swarm, args.connect_timeout_s, host=args.host, port=args.port
         ) as dht:
-            say(f"{OK} reached the swarm through {args.initial_peers[0]} in {time.monotonic() - started:.1f} s")
+            say(
+                f"{OK} reached the swarm through {args.initial_peers[0]} in {time.monotonic() - started:.1f} s"
+            )
             await ProbeServer().register(dht.p2p)
             await ReachServer().register(dht.p2p)
             addrs = await dht.visible_maddrs()
             ports = sorted({a.split("/tcp/")[1].split("/")[0] for a in addrs if "/tcp/" in a})
-            say(f"{OK} listening on TCP port(s) {', '.join(ports) or '-'}: {', '.join(addrs) or 'no address'}")
+            say(
+                f"{OK} listening on TCP port(s) {', '.join(ports) or '-'}: {', '.join(addrs) or 'no address'}"
+            )
 
             reach = await ask_dial_back(dht.p2p, bootstrap, addrs)
             if reach.reachable:
@@ -79,8 +83,10 @@ async def check_network(args: argparse.Namespace, say: Callable[[str], None]) ->
             status = swarm_status(records, [p.record for p in plans], time.time())
             targets = [bootstrap] + [n["peer_id"] for n in status["nodes"]][: args.peers]
             for peer in targets:
-                label = "bootstrap" if peer == bootstrap else next(
-                    (n["name"] or peer for n in status["nodes"] if n["peer_id"] == peer), peer
+                label = (
+                    "bootstrap"
+                    if peer == bootstrap
+                    else next((n["name"] or peer for n in status["nodes"] if n["peer_id"] == peer), peer)
                 )
                 try:
                     m = await measure_link(dht.p2p, peer, probe_bytes=args.probe_bytes)
@@ -115,7 +121,9 @@ def check_hardware(device: str, say: Callable[[str], None]) -> None:
 
     if device in ("auto", "cuda") or device.startswith("cuda"):
         if torch.cuda.is_available():
-            indices = range(torch.cuda.device_count()) if device == "auto" else [torch.device(device).index or 0]
+            indices = (
+                range(torch.cuda.device_count()) if device == "auto" else [torch.device(device).index or 0]
+            )
             for i in indices:
                 props = torch.cuda.get_device_properties(i)
                 free, total = torch.cuda.mem_get_info(i)

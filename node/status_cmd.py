@@ -28,9 +28,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="multiaddrs of swarm peers")
-    p.add_argument("--swarm", default=DEFAULT_PREFIX, metavar="PREFIX", help=f"swarm name (default {DEFAULT_PREFIX})")
-    p.add_argument("--connect-timeout-s", type=float, default=20.0, help="give up reaching the swarm after this long")
+    p.add_argument(
+        "--initial-peers", nargs="+", required=True, metavar="MADDR", help="multiaddrs of swarm peers"
+    )
+    p.add_argument(
+        "--swarm", default=DEFAULT_PREFIX, metavar="PREFIX", help=f"swarm name (default {DEFAULT_PREFIX})"
+    )
+    p.add_argument(
+        "--connect-timeout-s", type=float, default=20.0, help="give up reaching the swarm after this long"
+    )
 
 
 @asynccontextmanager

@@ -32,7 +32,9 @@ def swarm_status(
     model_id = model_id or main_model(live)
     plan = None
     if model_id is not None:
-        plan = choose_plan(list(plans), elect_planner({r.peer_id: r for r in live}, now, model_id), None, model_id)
+        plan = choose_plan(
+            list(plans), elect_planner({r.peer_id: r for r in live}, now, model_id), None, model_id
+        )
     nodes = sorted(live, key=lambda r: (r.layers or (10**9, 0), r.name, r.peer_id))
     return {
         "model": model_id,
@@ -57,7 +59,9 @@ def swarm_status(
             "method": plan.method,
             "objective_tokens_per_s": plan.objective_tokens_per_s,
             "upper_bound_tokens_per_s": plan.upper_bound_tokens_per_s,
-            "placement": {peer: list(span) for peer, span in sorted(plan.placement.items(), key=lambda x: x[1])},
+            "placement": {
+                peer: list(span) for peer, span in sorted(plan.placement.items(), key=lambda x: x[1])
+            },
         },
     }
 
