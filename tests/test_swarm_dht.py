@@ -215,3 +215,33 @@ def test_a_dead_initial_peer_fails_fast_with_a_clear_error(bob):
         asyncio.run(asyncio.wait_for(scenario(), 30))
     with pytest.raises(SwarmConnectError, match="bad initial peer"):
         asyncio.run(SwarmDHT.start(bob, PREFIX, ["/ip4/127.0.0.1/tcp/9"], NetworkOptions()))
+
+
+def test_links_are_measured_and_probes_are_rate_limited_per_peer(alice, bob):
+    from helix_p2p.swarm.probe import ProbeError, ProbeServer, measure_link
+    from helix_p2p.swarm.reachability import ReachServer, ask_dial_back
+
+    async def scenario():
+        first, second = await _swarm(alice, bob)
+        try:
+            await ProbeServer().register(first.p2p)
+            await ReachServer().register(first.p2p)
+            m = await measure_link(second.p2p, alice.peer_id, probe_bytes=256 * 1024, timeout_s=20)
+            assert m.peer == alice.peer_id and m.rtt_s > 0
+            assert m.out_bytes_per_s > 0 and m.in_bytes_per_s > 0
+            with pytest.raises(ProbeError):  # again at once: over the per-peer rate, the stream is cut
+                await measure_link(second.p2p, alice.peer_id, probe_bytes=256 * 1024, timeout_s=20)
+            with pytest.raises(ProbeError):  # a peer that serves no probes
+                await measure_link(first.p2p, bob.peer_id, probe_bytes=1024, timeout_s=5)
+
+            reach = await ask_dial_back(second.p2p, alice.peer_id, await second.visible_maddrs())
+            assert reach.answered and reach.reachable, reach.detail
+            again = await ask_dial_back(second.p2p, alice.peer_id, await second.visible_maddrs())
+            assert not again.answered  # one check per peer per interval
+            silent = await ask_dial_back(first.p2p, bob.peer_id, await first.visible_maddrs(), timeout_s=5)
+            assert not silent.answered
+        finally:
+            await second.shutdown()
+            await first.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))

@@ -28,6 +28,8 @@ BANDWIDTH_PROTOCOL = "/helix/bandwidth/1"
 MAX_PROBE_BYTES = 64 * 1024 * 1024
 #: probes served at once; more wait, so one peer's probes cannot saturate this node's link
 MAX_CONCURRENT_PROBES = 2
+#: seconds between two bandwidth measurements one peer may ask of this node
+PER_PEER_INTERVAL_S = 5.0
 _CHUNK = 64 * 1024
 _UPLOAD, _DOWNLOAD = b"U", b"D"
 _HEADER = 9  # direction byte + 8-byte payload length
@@ -42,9 +44,22 @@ class ProbeServer:
     """The serving side of probes; `register` adds its handlers to a P2P instance."""
 
     max_probe_bytes: int = MAX_PROBE_BYTES
+    #: a peer gets one bandwidth measurement per this many seconds (nodes re-probe a peer every
+    #: few minutes), so no peer can keep this node's link busy
+    per_peer_interval_s: float = PER_PEER_INTERVAL_S
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
+        self._last_probe: dict[str, float] = {}
+
+    def _allow(self, peer: str) -> bool:
+        now = time.monotonic()
+        if now - self._last_probe.get(peer, float("-inf")) < self.per_peer_interval_s:
+            return False
+        if len(self._last_probe) > 10_000:  # forget rather than grow without bound
+            self._last_probe.clear()
+        self._last_probe[peer] = now
+        return True
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(PING_PROTOCOL, self._ping, BytesValue)
@@ -63,6 +78,9 @@ class ProbeServer:
                 logger.debug(
                     "refused a probe from %s: direction %r, %d bytes", stream_info.peer_id, direction, size
                 )
+                return
+            if not self._allow(f"{stream_info.peer_id.to_base58()}/{direction.decode()}"):
+                logger.debug("refused a probe from %s: probed too recently", stream_info.peer_id)
                 return
             async with self._slots:
                 if direction == _UPLOAD:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from google.protobuf.wrappers_pb2 import BytesValue
@@ -50,9 +51,12 @@ def direct_addrs(addrs: list[str], peer_id: str) -> list[str]:
 @dataclass
 class ReachServer:
     timeout_s: float = 10.0
+    #: a check starts a throw-away libp2p daemon: one per peer per this many seconds
+    per_peer_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         self._one_at_a_time = asyncio.Semaphore(1)
+        self._last_check: dict[str, float] = {}
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(REACH_PROTOCOL, self._check, BytesValue)
@@ -64,7 +68,16 @@ class ReachServer:
                 raise ValueError("expected a list of multiaddrs")
         except ValueError as e:
             return _reply(ReachResult(False, f"bad request: {e}"))
-        targets = direct_addrs(addrs, context.remote_id.to_base58())
+        asker = context.remote_id.to_base58()
+        now = time.monotonic()
+        if now - self._last_check.get(asker, float("-inf")) < self.per_peer_interval_s:
+            return _reply(
+                ReachResult(False, f"asked again within {self.per_peer_interval_s:g} s", answered=False)
+            )
+        if len(self._last_check) > 10_000:  # forget rather than grow without bound
+            self._last_check.clear()
+        self._last_check[asker] = now
+        targets = direct_addrs(addrs, asker)
         if not targets:
             return _reply(ReachResult(False, "no direct addresses to dial (only relayed or none)"))
         async with self._one_at_a_time:
@@ -97,7 +110,8 @@ async def dial_back(addrs: list[str], timeout_s: float) -> ReachResult:
 
 
 def _reply(result: ReachResult) -> BytesValue:
-    return BytesValue(value=json.dumps({"reachable": result.reachable, "detail": result.detail}).encode())
+    doc = {"reachable": result.reachable, "detail": result.detail, "answered": result.answered}
+    return BytesValue(value=json.dumps(doc).encode())
 
 
 async def ask_dial_back(p2p: P2P, helper: str, my_addrs: list[str], timeout_s: float = 20.0) -> ReachResult:
@@ -113,7 +127,9 @@ async def ask_dial_back(p2p: P2P, helper: str, my_addrs: list[str], timeout_s: f
             timeout_s,
         )
         doc = json.loads(reply.value)
-        return ReachResult(bool(doc["reachable"]), str(doc["detail"]))
+        return ReachResult(
+            bool(doc["reachable"]), str(doc["detail"]), answered=bool(doc.get("answered", True))
+        )
     except (P2PDaemonError, P2PHandlerError, asyncio.TimeoutError, ValueError, KeyError) as e:
         return ReachResult(
             False, f"{helper} did not answer the reachability check: {type(e).__name__} {e}", answered=False
