@@ -617,37 +617,15 @@ class Simulator:
         if limits is None or not node.alive:
             return
         batch: list[_Work] = []
-        prompt_tokens = 0
-        prompt_requests = 0
-        queue = node.prompt_q
-        while queue and prompt_requests < limits.prompt_max_requests:
-            w = queue[0]
-            if w.epoch != w.req.epoch:
-                queue.popleft()
-                node.queued_tokens -= w.tokens
-                continue
-            # A prompt longer than the limit still runs, alone, rather than blocking the queue.
-            if prompt_requests and prompt_tokens + w.tokens > limits.prompt_max_tokens:
-                break
-            queue.popleft()
-            batch.append(w)
-            prompt_requests += 1
-            prompt_tokens += w.tokens
-        decode_seqs = 0
-        context = 0
-        queue = node.decode_q
-        while queue and decode_seqs < limits.decode_max_sequences:
-            w = queue[0]
-            if w.epoch != w.req.epoch:
-                queue.popleft()
-                node.queued_tokens -= w.tokens
-                continue
-            if decode_seqs and context + w.context > limits.decode_max_context_tokens:
-                break
-            queue.popleft()
-            batch.append(w)
-            decode_seqs += 1
-            context += w.context
+        # A prompt longer than the token limit still runs, alone, rather than blocking the queue.
+        prompt_tokens = self._take(
+            node, node.prompt_q, batch, limits.prompt_max_requests, limits.prompt_max_tokens, lambda w: w.tokens
+        )
+        before = len(batch)
+        self._take(
+            node, node.decode_q, batch, limits.decode_max_sequences, limits.decode_max_context_tokens, lambda w: w.context
+        )
+        decode_seqs = len(batch) - before
         if not batch:
             return
         node.queued_tokens -= prompt_tokens + decode_seqs
@@ -658,6 +636,25 @@ class Simulator:
         node.busy = True
         node.batch_token += 1
         self._push(self.now + seconds, _BATCH_DONE, (node, batch, node.batch_token))
+
+    @staticmethod
+    def _take(node: _Node, queue, batch: list[_Work], max_items: int, max_size: int, size) -> int:
+        """Move work from the front of `queue` into `batch` while under both limits (the first item
+        always fits), dropping stale work of re-routed requests; returns the size taken."""
+        taken = total = 0
+        while queue and taken < max_items:
+            w = queue[0]
+            if w.epoch != w.req.epoch:
+                queue.popleft()
+                node.queued_tokens -= w.tokens
+                continue
+            if taken and total + size(w) > max_size:
+                break
+            queue.popleft()
+            batch.append(w)
+            taken += 1
+            total += size(w)
+        return total
 
     def _batch_seconds(self, node: _Node, batch: list[_Work], prompt_tokens: int, decode_seqs: int) -> float:
         profile = node.profile
