@@ -1,0 +1,533 @@
+"""`HelixClient`: generate text with a swarm. It joins the DHT as a client-mode peer, follows the
+plan and the registry, routes each request with IWRR over the plan's flows and drives a session
+along the route (`helix_p2p.protocol.driver.RemoteSession`).
+
+Failover: when a hop dies, stalls past `step_timeout_s`, or refuses (busy, lost the session), the
+client blames the peer the error names, avoids it for a while, picks a new route and replays the
+session's tokens (prompt and everything generated so far) as one prefill there, which rebuilds the
+KV cache on every hop; then it goes on decoding. Greedy output is the same as without the failure.
+After `max_failovers` re-routes for one request it raises one `GenerationFailedError` naming every
+failure. (Seeded sampling goes on after a failover too, but from a fresh generator on the new last
+hop, so only greedy output is guaranteed identical.)
+
+The client needs the tokenizer (and the model's config, for its length limit), never the weights.
+Everything network-bound runs on the client's own event loop in a background thread, so the sync
+methods (`generate`, `stream`) and the async ones (`agenerate`, `astream`) work from any thread or
+event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from typing_extensions import Self
+
+from helix_p2p.errors import HelixError
+from helix_p2p.protocol.driver import RemoteSession
+from helix_p2p.protocol.errors import (
+    BusyError,
+    DataPlaneError,
+    HopUnreachableError,
+    LayersUnavailableError,
+    RemoteInternalError,
+    SessionNotFoundError,
+)
+from helix_p2p.protocol.messages import RouteHop
+from helix_p2p.shard.sampling import SamplingError, SamplingParams
+from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
+from helix_p2p.swarm.identity import ephemeral_identity
+
+from .errors import BadRequestError, ClientError, GenerationFailedError, NoRouteError
+from .view import RoutePicker, Snapshot, follow_plan
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: errors after which another route may succeed; anything else is the request's own fault
+RETRYABLE: tuple[type[DataPlaneError], ...] = (
+    HopUnreachableError,
+    BusyError,
+    SessionNotFoundError,
+    LayersUnavailableError,
+    RemoteInternalError,
+)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    #: a step (or open) with no answer after this long counts as a stalled hop
+    step_timeout_s: float = 30.0
+    #: re-routes allowed for one request before it fails
+    max_failovers: int = 4
+    #: how long a failed peer is avoided (doubling on each further failure, up to 8x)
+    avoid_s: float = 30.0
+    #: how often the registry and the plan are read again in the background
+    refresh_s: float = 2.0
+    #: how long a request waits for a route (a plan, a node with free KV) before NoRouteError
+    route_wait_s: float = 15.0
+    connect_timeout_s: float = 30.0
+    host: str = "127.0.0.1"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token as it arrives, with the text it adds (may be "" mid-character)."""
+
+    token_id: int
+    text: str
+    #: the peers of the route that produced it (it changes after a failover)
+    route_peers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timings:
+    #: from the call until the first token came back
+    first_token_s: float
+    total_s: float
+    #: generated tokens per second after the first token
+    decode_tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    #: the generated tokens only
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    #: the route that produced the last token: [{"peer_id", "start", "end"}]
+    route: list[dict[str, Any]]
+    failovers: int
+    #: "stop" (a stop token or string) or "length" (max_new_tokens)
+    finish_reason: str
+    timings: Timings
+    failures: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class HelixClient:
+    """A client of one model on one swarm. Use as a context manager, or call `close()`."""
+
+    def __init__(
+        self,
+        initial_peers: Sequence[str],
+        model: str,
+        swarm: str = "helix",
+        *,
+        model_id: str | None = None,
+        options: ClientOptions | None = None,
+    ) -> None:
+        self.options = options or ClientOptions()
+        self.model = model
+        self.model_id = model_id or _default_model_id(model)
+        self.swarm = swarm
+        self.tokenizer, self.max_length = _load_tokenizer(model)
+        self._avoid_until: dict[str, float] = {}
+        self._failures_by_peer: dict[str, int] = {}
+        self._picker = RoutePicker(self.model_id, seed=self.options.seed)
+        self._snapshot = Snapshot({}, None, 0.0)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="helix-client", daemon=True)
+        self._thread.start()
+        self._identity = ephemeral_identity()
+        self._refresher: asyncio.Task | None = None
+        try:
+            net = NetworkOptions(
+                host=self.options.host,
+                client_mode=True,
+                connect_timeout_s=self.options.connect_timeout_s,
+                check_identity_free=False,
+            )
+            self.dht: SwarmDHT = self._call(
+                SwarmDHT.start(self._identity, swarm, list(initial_peers), net),
+                self.options.connect_timeout_s + 15,
+            )
+            self._call(self._refresh(), 60)
+            self._refresher = self._call(self._start_refresher(), 10)
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout_s)
+
+    async def _start_refresher(self) -> asyncio.Task:
+        return asyncio.create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.refresh_s)
+            try:
+                await self._refresh()
+            except Exception as e:  # noqa: BLE001 - a DHT hiccup of any kind: keep the last view, try again
+                logger.info("reading the swarm failed: %s", e)
+
+    async def _refresh(self) -> Snapshot:
+        records, plans = await self.dht.read()
+        plan = follow_plan(records, [p.record for p in plans], self._snapshot.plan, self.model_id)
+        self._snapshot = Snapshot(records, plan, time.time())
+        return self._snapshot
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def close(self) -> None:
+        if not self._loop.is_running():
+            return
+        try:
+            self._call(self._shutdown(), 30)
+        finally:
+            self._stop_loop()
+
+    async def _shutdown(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        await self.dht.shutdown()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        path = self._identity.path
+        if path.exists():
+            path.chmod(0o600)
+            path.unlink()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ requests
+
+    def encode(
+        self, prompt: str | Sequence[int] | None = None, messages: Sequence[dict[str, str]] | None = None
+    ) -> list[int]:
+        """Token ids of a prompt (text or ids) or of chat messages (the tokenizer's chat template)."""
+        if (prompt is None) == (messages is None):
+            raise BadRequestError("give exactly one of a prompt and chat messages")
+        if messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise BadRequestError(f"the tokenizer of {self.model} has no chat template")
+            ids = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+                ids = ids["input_ids"]
+            ids = list(ids)
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)  # type: ignore[arg-type]
+            vocab = len(self.tokenizer)
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise BadRequestError(f"token ids must be ints in [0, {vocab})")
+        if not ids:
+            raise BadRequestError("the prompt is empty")
+        return ids
+
+    def _sampling(
+        self,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        repetition_penalty: float,
+        seed: int | None,
+    ) -> SamplingParams:
+        eos = self.tokenizer.eos_token_id
+        try:
+            return SamplingParams(
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+                stop_token_ids=() if eos is None else (int(eos),),
+            )
+        except SamplingError as e:
+            raise BadRequestError(str(e)) from None
+
+    async def _generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        stop: Sequence[str],
+        on_token: Callable[[Token], None] | None,
+    ) -> GenerationResult:
+        if max_new_tokens < 1:
+            raise BadRequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(prompt_ids) + max_new_tokens > self.max_length:
+            raise BadRequestError(
+                f"the prompt ({len(prompt_ids)} tokens) and max_new_tokens ({max_new_tokens}) pass "
+                f"the model's limit of {self.max_length} positions"
+            )
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        generated: list[int] = []
+        emitted = ""
+        failures: list[str] = []
+        session: RemoteSession | None = None
+        finish_reason = "length"
+        text = ""
+        try:
+            while True:
+                try:
+                    if session is None:
+                        route = await self._route(len(prompt_ids), max_new_tokens, failures)
+                        session = await RemoteSession.open(
+                            self.dht.p2p,
+                            route,
+                            len(prompt_ids) + max_new_tokens,
+                            sampling,
+                            timeout_s=self.options.step_timeout_s,
+                        )
+                        # a fresh route, or a replacement one: its KV is rebuilt from every token so far
+                        result = await session.step(prompt_ids + generated)
+                    else:
+                        result = await session.step([generated[-1]])
+                except RETRYABLE as e:
+                    failures.append(str(e))
+                    blamed = e.peer_id or (session.route[0].peer_id if session else None)
+                    if blamed:
+                        self._blame(blamed)
+                    if session is not None:
+                        self._close_quietly(session)
+                        session = None
+                    if len(failures) > self.options.max_failovers:
+                        raise GenerationFailedError(
+                            f"generation failed after {len(failures)} attempts; last: {e}", failures
+                        ) from None
+                    logger.info("failover %d: %s", len(failures), e)
+                    continue
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                generated.append(result.token_id)
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                hit = _first_stop(text, stop)
+                if hit is not None:
+                    text = text[:hit]
+                # hold back text that may still become a stop string, or half a character
+                ready = text if hit is not None or result.finished else _safe_prefix(text, stop)
+                if on_token is not None:
+                    delta = ready[len(emitted) :] if ready.startswith(emitted) else ""
+                    on_token(Token(result.token_id, delta, tuple(h.peer_id for h in session.route)))
+                    emitted = ready if ready.startswith(emitted) else emitted
+                if hit is not None or result.finished:
+                    finish_reason = (
+                        "stop" if hit is not None or result.token_id in sampling.stop_token_ids else "length"
+                    )
+                    break
+                if len(generated) >= max_new_tokens:
+                    break
+            assert session is not None
+            route_used = [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in session.route]
+        finally:
+            if session is not None:
+                self._close_quietly(session)
+        total = time.perf_counter() - started
+        first = (first_token_at or started) - started
+        decode_s = total - first
+        return GenerationResult(
+            text=text,
+            token_ids=generated,
+            prompt_token_ids=list(prompt_ids),
+            route=route_used,
+            failovers=len(failures),
+            finish_reason=finish_reason,
+            timings=Timings(first, total, (len(generated) - 1) / decode_s if decode_s > 0 else 0.0),
+            failures=failures,
+        )
+
+    async def _route(
+        self, prompt_tokens: int, max_new_tokens: int, failures: list[str]
+    ) -> tuple[RouteHop, ...]:
+        """A route for the request, waiting up to `route_wait_s` (re-reading the swarm) for one."""
+        deadline = time.monotonic() + self.options.route_wait_s
+        refreshed = False
+        while True:
+            now = time.monotonic()
+            avoid = {p for p, until in self._avoid_until.items() if until > now}
+            if failures and not refreshed:
+                await self._refresh_quietly()
+                refreshed = True
+            route, why = self._picker.pick(self._snapshot, prompt_tokens, max_new_tokens, avoid)
+            if route is not None:
+                return route
+            if time.monotonic() >= deadline:
+                avoided = f"; avoiding {len(avoid)} failing peer(s)" if avoid else ""
+                after = f" after {len(failures)} failure(s) (last: {failures[-1]})" if failures else ""
+                raise NoRouteError(f"no route for model {self.model_id}{after}: {why}{avoided}")
+            await asyncio.sleep(min(1.0, self.options.refresh_s))
+            await self._refresh_quietly()
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self._refresh()
+        except Exception as e:  # noqa: BLE001 - the last view stays usable
+            logger.info("reading the swarm failed: %s", e)
+
+    def _blame(self, peer_id: str) -> None:
+        count = self._failures_by_peer.get(peer_id, 0) + 1
+        self._failures_by_peer[peer_id] = count
+        self._avoid_until[peer_id] = time.monotonic() + self.options.avoid_s * min(8, 2 ** (count - 1))
+
+    def avoided(self) -> set[str]:
+        now = time.monotonic()
+        return {p for p, until in self._avoid_until.items() if until > now}
+
+    def _close_quietly(self, session: RemoteSession) -> None:
+        async def close() -> None:
+            try:
+                session.timeout_s = min(session.timeout_s, 5.0)
+                await session.close()
+            except HelixError as e:  # the hop is gone; its KV goes when it idles out
+                logger.debug("closing session %s: %s", session.session_id, e)
+
+        asyncio.ensure_future(close())
+
+    # ------------------------------------------------------------------------------ public API
+
+    def _prepare(
+        self,
+        prompt: str | Sequence[int] | None,
+        messages: Sequence[dict[str, str]] | None,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        repetition_penalty: float,
+        seed: int | None,
+    ) -> tuple[list[int], SamplingParams]:
+        return self.encode(prompt, messages), self._sampling(
+            temperature, top_p, top_k, repetition_penalty, seed
+        )
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        on_token: Callable[[Token], None] | None = None,
+    ) -> GenerationResult:
+        """Generate from a prompt (text or token ids) or chat messages; blocks until done.
+        `on_token` is called (on the client's thread) with each token as it arrives."""
+        ids, sampling = self._prepare(prompt, messages, temperature, top_p, top_k, repetition_penalty, seed)
+        return self._call(self._generate(ids, max_new_tokens, sampling, tuple(stop), on_token))
+
+    async def agenerate(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> GenerationResult:
+        """`generate` for async callers (any event loop)."""
+        on_token = kwargs.pop("on_token", None)
+        messages = kwargs.pop("messages", None)
+        max_new_tokens = kwargs.pop("max_new_tokens", 32)
+        stop = tuple(kwargs.pop("stop", ()))
+        ids, sampling = self._prepare(prompt, messages, **_sampling_kwargs(kwargs))
+        future = asyncio.run_coroutine_threadsafe(
+            self._generate(ids, max_new_tokens, sampling, stop, on_token), self._loop
+        )
+        return await asyncio.wrap_future(future)
+
+    def stream(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> Iterator[Token]:
+        """Yield tokens as they come; raises what `generate` raises. The last result is kept in
+        `self.last_result`."""
+        import queue
+
+        items: queue.Queue = queue.Queue()
+        kwargs["on_token"] = items.put
+        future = self._submit(prompt, kwargs)
+        future.add_done_callback(lambda _: items.put(None))
+        while True:
+            item = items.get()
+            if item is None:
+                break
+            yield item
+        self.last_result = future.result()
+
+    async def astream(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> AsyncIterator[Token]:
+        """`stream` for async callers."""
+        caller = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        kwargs["on_token"] = lambda token: caller.call_soon_threadsafe(items.put_nowait, token)
+        future = self._submit(prompt, kwargs)
+        future.add_done_callback(lambda _: caller.call_soon_threadsafe(items.put_nowait, None))
+        while True:
+            item = await items.get()
+            if item is None:
+                break
+            yield item
+        self.last_result = future.result()
+
+    def _submit(self, prompt: str | Sequence[int] | None, kwargs: dict[str, Any]):
+        on_token = kwargs.pop("on_token")
+        messages = kwargs.pop("messages", None)
+        max_new_tokens = kwargs.pop("max_new_tokens", 32)
+        stop = tuple(kwargs.pop("stop", ()))
+        ids, sampling = self._prepare(prompt, messages, **_sampling_kwargs(kwargs))
+        return asyncio.run_coroutine_threadsafe(
+            self._generate(ids, max_new_tokens, sampling, stop, on_token), self._loop
+        )
+
+
+def _sampling_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    known = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "seed": None}
+    unknown = set(kwargs) - set(known)
+    if unknown:
+        raise BadRequestError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
+    return {k: kwargs.get(k, v) for k, v in known.items()}
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _safe_prefix(text: str, stop: Sequence[str]) -> str:
+    """The part of `text` that can be shown now: no trailing partial character (U+FFFD from a
+    half-decoded byte sequence) and no tail that could still grow into a stop string."""
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    for s in stop:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end -= k
+                break
+    return text[:end]
+
+
+def _default_model_id(model: str) -> str:
+    """As nodes name it: a local checkpoint by its folder, a hub checkpoint by its id."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+def _load_tokenizer(model: str) -> tuple[Any, int]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise ClientError(f"cannot load the tokenizer and config of {model!r}: {e}") from None
+    max_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
+    return tokenizer, max_length
