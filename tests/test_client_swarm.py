@@ -1,0 +1,184 @@
+"""The client against a real swarm on 127.0.0.1: a bootstrap and four `helix-node join` processes
+that can each hold two layers of a tiny 4-layer Llama, so the plan places every range twice.
+The tests run in order on one swarm:
+
+1. greedy generation through `HelixClient` (text in, over the followed plan) equals `transformers`'
+   `generate` on the whole checkpoint, and `stream` yields the same tokens;
+2. `helix generate --json` (a subprocess) prints the same tokens, the route and the timings;
+3. a node on the route is killed (SIGKILL) in the middle of a long generation: the output is the
+   same as without the failure, and the result counts one failover or more;
+4. every node serving layer 0 is killed: the client raises one named error quickly, no hang."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from procs import FAST, Proc, Processes, SwarmObserver, start_bootstrap, start_node, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+MODEL_ID = "tiny-client"
+NUM_LAYERS = 4
+TIMINGS = dict(FAST, **{"--ttl-s": "10", "--refresh-s": "1.5"})
+#: two layers at most per node (the table's length), four nodes: two replicas of each range
+TABLES = {"a": [900.0, 500.0], "b": [800.0, 450.0], "c": [700.0, 400.0], "d": [600.0, 350.0]}
+PROMPT = "the quick brown fox"
+LONG_TOKENS = 48
+
+
+@dataclass
+class Swarm:
+    procs: Processes
+    maddrs: list[str]
+    model: Path
+    observer: SwarmObserver
+    nodes: dict[str, Proc] = field(default_factory=dict)
+
+    def names_by_peer(self) -> dict[str, str]:
+        records, _ = self.observer.read()
+        return {r.peer_id: r.name for r in records.values()}
+
+
+def _ready(swarm: Swarm):
+    plan = swarm.observer.followed_plan(MODEL_ID)
+    if plan is None or len(plan.placement) < len(TABLES):
+        return None
+    records, _ = swarm.observer.read()
+    for peer, span in plan.placement.items():
+        r = records.get(peer)
+        if r is None or r.layers != span or r.state.value != "serving":
+            return None
+    return plan
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    from helix_p2p.shard import TinyModelSpec, make_tiny_model
+
+    workdir = tmp_path_factory.mktemp("client-swarm")
+    model = make_tiny_model(workdir / MODEL_ID, TinyModelSpec(num_layers=NUM_LAYERS, initializer_range=0.1))
+    with Processes(workdir) as procs:
+        boot = start_bootstrap(procs)
+        observer = SwarmObserver(boot.maddrs)
+        try:
+            s = Swarm(procs, boot.maddrs, model, observer)
+            for name, table in TABLES.items():
+                s.nodes[name] = start_node(
+                    procs, name, boot.maddrs, model, table, "--planner-method", "petals", timings=TIMINGS
+                )
+            plan = wait_for(
+                lambda: _ready(s), 150, "a plan over all four nodes, loaded", describe=procs.report
+            )
+            held = {layer: 0 for layer in range(NUM_LAYERS)}
+            for start, end in plan.placement.values():
+                for layer in range(start, end):
+                    held[layer] += 1
+            assert all(n >= 2 for n in held.values()), f"every layer twice: {plan.placement}"
+            yield s
+        finally:
+            observer.close()
+
+
+@pytest.fixture(scope="module")
+def client(swarm):
+    from helix_p2p.client import ClientOptions, HelixClient
+
+    options = ClientOptions(step_timeout_s=10, avoid_s=60, route_wait_s=8, max_failovers=3)
+    with HelixClient(swarm.maddrs, model=str(swarm.model), options=options) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def expected(swarm) -> tuple[list[int], list[int]]:
+    """(prompt ids, whole-model greedy continuation of LONG_TOKENS tokens, stopping at eos)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(swarm.model)
+    ids = tokenizer.encode(PROMPT)
+    whole = AutoModelForCausalLM.from_pretrained(swarm.model, dtype=torch.float32).eval()
+    out = whole.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=LONG_TOKENS,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    return ids, out[0, len(ids) :].tolist()
+
+
+def test_greedy_generation_equals_the_whole_model(client, expected) -> None:
+    ids, whole = expected
+    assert len(set(whole)) >= 3, f"a continuation that tells tokens apart: {whole}"
+    result = client.generate(PROMPT, max_new_tokens=8)
+    assert result.prompt_token_ids == ids
+    assert result.token_ids == whole[:8]
+    assert result.failovers == 0
+    assert result.route[0]["start"] == 0 and result.route[-1]["end"] == NUM_LAYERS
+    assert result.text == client.tokenizer.decode(whole[:8], skip_special_tokens=True)
+    assert result.timings.first_token_s > 0 and result.timings.total_s >= result.timings.first_token_s
+
+    streamed = list(client.stream(ids, max_new_tokens=8))
+    assert [t.token_id for t in streamed] == whole[:8]
+    assert "".join(t.text for t in streamed) == result.text
+
+
+def test_helix_generate_json(swarm, expected) -> None:
+    ids, whole = expected
+    argv = [str(Path(sys.executable).parent / "helix"), "generate", "--initial-peers", *swarm.maddrs,
+            "--model", str(swarm.model), "--max-new-tokens", "6", "--json", PROMPT]  # fmt: skip
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["token_ids"] == whole[:6] and out["prompt_token_ids"] == ids
+    assert out["failovers"] == 0 and out["route"][0]["start"] == 0
+    assert out["timings"]["first_token_s"] > 0
+
+
+def test_a_node_killed_mid_generation_is_failed_over_with_identical_output(swarm, client, expected) -> None:
+    _, whole = expected
+    names = swarm.names_by_peer()
+    killed: list[str] = []
+
+    def on_token(token) -> None:
+        # kill a hop of the live route after the fifth token; the next step meets a dead peer
+        if len(killed) == 0 and token.route_peers and on_token.count == 4:
+            victim = token.route_peers[-1]
+            killed.append(victim)
+            swarm.procs.kill(swarm.nodes[names[victim]])
+        on_token.count += 1
+
+    on_token.count = 0
+    result = client.generate(PROMPT, max_new_tokens=LONG_TOKENS, on_token=on_token)
+    assert killed, f"the generation stopped before the kill ({len(result.token_ids)} tokens)"
+    assert result.token_ids == whole
+    assert result.failovers >= 1
+    assert killed[0] not in {h["peer_id"] for h in result.route}
+    assert any(killed[0] in f for f in result.failures), result.failures
+    assert killed[0] in client.avoided()
+
+
+def test_killing_every_replica_of_some_layers_gives_a_clear_error(swarm, client) -> None:
+    from helix_p2p.client import GenerationFailedError, NoRouteError
+
+    records, _ = swarm.observer.read()
+    now = time.time()
+    first = [r for r in records.values() if r.is_live(now) and r.layers is not None and r.layers[0] == 0]
+    assert first
+    for record in first:
+        proc = swarm.nodes[record.name]
+        if proc.alive():
+            swarm.procs.kill(proc)
+    started = time.monotonic()
+    with pytest.raises((NoRouteError, GenerationFailedError)) as failed:
+        client.generate(PROMPT, max_new_tokens=4)
+    assert time.monotonic() - started < 90
+    message = str(failed.value)
+    assert "layers [0" in message or "no route" in message, message
