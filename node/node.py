@@ -47,6 +47,8 @@ from .state import derive_state
 
 logger = logging.getLogger(__name__)
 
+#: after the last session closes, how long replies in flight get before the daemon stops
+REPLY_LINGER_S = 0.5
 #: a NIC figure to announce before any link has been measured (1 Gbit/s)
 DEFAULT_NIC_BYTES_PER_S = 1.25e8
 
@@ -213,6 +215,9 @@ class Node:
         for task in (drain, hurry):
             task.cancel()
         remaining = self.sessions.running
+        # The last session's close releases its slot before its reply is written back; give that
+        # reply a moment on the wire before the p2p daemon goes down.
+        await asyncio.sleep(REPLY_LINGER_S)
         if remaining:
             logger.warning(
                 "left with %d sessions still running after the %.0f s grace period",
