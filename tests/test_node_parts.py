@@ -60,6 +60,7 @@ def test_defaults_pass_and_timings_derive_from_the_ttl():
         ({"planner": PlannerOptions(min_gain=-0.5)}, "--replan-min-gain"),
         ({"planner": PlannerOptions(time_limit_s=0)}, "--planner-time-limit-s"),
         ({"public_name": "x" * 65}, "--public-name"),
+        ({"planner": PlannerOptions(method="magic")}, "--planner-method"),
     ],
 )
 def test_bad_settings_name_their_flag(overrides, message):
