@@ -64,10 +64,15 @@ class RoutePicker:
         return self._router
 
     def pick(
-        self, snapshot: Snapshot, prompt_tokens: int, max_new_tokens: int, avoid: set[str]
+        self,
+        snapshot: Snapshot,
+        prompt_tokens: int,
+        max_new_tokens: int,
+        avoid: set[str],
+        now: float | None = None,
     ) -> tuple[tuple[RouteHop, ...] | None, str]:
         """A route for a request of this size, or (None, why there is none)."""
-        now = time.time()
+        now = time.time() if now is None else now
         live = {p: r for p, r in snapshot.live(now).items() if p not in avoid and _serving(r, self.model_id)}
         need = prompt_tokens + max_new_tokens
         why = "no plan has been published for this model yet"
