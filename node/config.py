@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helix_p2p.errors import HelixError
+from helix_p2p.planner import METHODS
 from helix_p2p.swarm.keys import DEFAULT_PREFIX, check_prefix
 
 #: KV positions per held layer that sizing by memory keeps free (so a full node can still serve)
@@ -137,8 +138,6 @@ class NodeConfig:
         for flag, value in {"--grace-s": self.grace_s, "--debounce-s": self.planner.debounce_s}.items():
             if not (math.isfinite(value) and value >= 0):
                 raise NodeConfigError(f"{flag} must be >= 0, got {value}")
-        from helix_p2p.planner import METHODS
-
         if self.planner.method not in METHODS:
             raise NodeConfigError(f"--planner-method {self.planner.method!r}: choose one of {', '.join(METHODS)}")
         if not 0 <= self.planner.min_gain < 10:
