@@ -126,6 +126,15 @@ def test_leaving_stops_admissions_and_waits_for_running_sessions():
 # ------------------------------------------------------------------------------------------- layers
 
 
+async def until(condition, what: str, timeout_s: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 class RecordingLoader:
     """The real shard loader, with a log of what happened in which order."""
 
@@ -156,11 +165,7 @@ def test_layers_move_make_before_break(tiny_model):
 
         async def settle(target):
             host.set_target(target)
-            for _ in range(400):
-                await asyncio.sleep(0.01)
-                if host.served == target and host.loading is None:
-                    return
-            raise AssertionError(f"layers did not settle on {target}: {host.served}, {host.loading}")
+            await until(lambda: host.served == target and host.loading is None, f"layers settled on {target}")
 
         await settle((0, 4))
         first = host.handle
@@ -191,11 +196,9 @@ def test_a_failed_load_keeps_the_old_layers(tiny_model):
         )
         runner = asyncio.create_task(host.run())
         host.set_target((0, 2))
-        while host.served != (0, 2):
-            await asyncio.sleep(0.01)
+        await until(lambda: host.served == (0, 2), "layers [0, 2) served")
         host.set_target((6, 9))  # past the model's 8 layers: the shard library refuses it
-        while host.failed is None:
-            await asyncio.sleep(0.01)
+        await until(lambda: host.failed is not None, "the load to fail")
         assert host.served == (0, 2) and host.loading is None
         assert "layers" in host.failed[1]
         runner.cancel()
