@@ -49,6 +49,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def register_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP gateway to a swarm",
+        description="Serve GET /v1/models, POST /v1/completions and POST /v1/chat/completions (with "
+        "stream: true as server-sent events) by generating with the swarm.",
+    )
+    p.add_argument(
+        "--initial-peers", nargs="+", required=True, metavar="MADDR", help="multiaddrs of swarm peers"
+    )
+    p.add_argument("--model", required=True, metavar="PATH_OR_ID", help="the model (its tokenizer is read)")
+    p.add_argument(
+        "--model-id", help="the model's id in the swarm and the API (default: folder name of --model)"
+    )
+    p.add_argument(
+        "--swarm", default=DEFAULT_SWARM, metavar="PREFIX", help=f"swarm name (default {DEFAULT_SWARM})"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--step-timeout-s", type=float, default=30.0, help="a hop silent this long has failed")
+    p.add_argument("--max-failovers", type=int, default=4, help="re-routes allowed per request (4)")
+    p.add_argument(
+        "--connect-timeout-s", type=float, default=30.0, help="give up reaching the swarm after this"
+    )
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+    from helix_p2p.client.client import ClientOptions, HelixClient
+    from helix_p2p.client.gateway import Gateway
+
+    options = ClientOptions(
+        step_timeout_s=args.step_timeout_s,
+        max_failovers=args.max_failovers,
+        connect_timeout_s=args.connect_timeout_s,
+        host="127.0.0.1" if args.host in ("127.0.0.1", "localhost") else "0.0.0.0",
+    )
+    with HelixClient(
+        args.initial_peers, model=args.model, swarm=args.swarm, model_id=args.model_id, options=options
+    ) as client:
+        print(f"serving {client.model_id} at http://{args.host}:{args.port}/v1", flush=True)
+        web.run_app(Gateway(client).app(), host=args.host, port=args.port, print=None)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from helix_p2p.client.client import ClientOptions, HelixClient
 

@@ -18,6 +18,7 @@ event loop."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -437,24 +438,16 @@ class HelixClient:
 
     async def agenerate(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> GenerationResult:
         """`generate` for async callers (any event loop)."""
-        on_token = kwargs.pop("on_token", None)
-        messages = kwargs.pop("messages", None)
-        max_new_tokens = kwargs.pop("max_new_tokens", 32)
-        stop = tuple(kwargs.pop("stop", ()))
-        ids, sampling = self._prepare(prompt, messages, **_sampling_kwargs(kwargs))
-        future = asyncio.run_coroutine_threadsafe(
-            self._generate(ids, max_new_tokens, sampling, stop, on_token), self._loop
-        )
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self.start(prompt, **kwargs))
 
     def stream(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> Iterator[Token]:
-        """Yield tokens as they come; raises what `generate` raises. The last result is kept in
-        `self.last_result`."""
+        """Yield tokens as they come; raises what `generate` raises. The result is then in
+        `self.last_result` (for streams in several threads at once, use `start` instead)."""
         import queue
 
         items: queue.Queue = queue.Queue()
         kwargs["on_token"] = items.put
-        future = self._submit(prompt, kwargs)
+        future = self.start(prompt, **kwargs)
         future.add_done_callback(lambda _: items.put(None))
         while True:
             item = items.get()
@@ -468,7 +461,7 @@ class HelixClient:
         caller = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         kwargs["on_token"] = lambda token: caller.call_soon_threadsafe(items.put_nowait, token)
-        future = self._submit(prompt, kwargs)
+        future = self.start(prompt, **kwargs)
         future.add_done_callback(lambda _: caller.call_soon_threadsafe(items.put_nowait, None))
         while True:
             item = await items.get()
@@ -477,8 +470,12 @@ class HelixClient:
             yield item
         self.last_result = future.result()
 
-    def _submit(self, prompt: str | Sequence[int] | None, kwargs: dict[str, Any]):
-        on_token = kwargs.pop("on_token")
+    def start(
+        self, prompt: str | Sequence[int] | None = None, **kwargs: Any
+    ) -> concurrent.futures.Future[GenerationResult]:
+        """Start a generation and return at once: a future of its result. Takes `generate`'s
+        arguments; `on_token` is called on the client's thread as tokens arrive."""
+        on_token = kwargs.pop("on_token", None)
         messages = kwargs.pop("messages", None)
         max_new_tokens = kwargs.pop("max_new_tokens", 32)
         stop = tuple(kwargs.pop("stop", ()))

@@ -7,7 +7,10 @@ The tests run in order on one swarm:
 2. `helix generate --json` (a subprocess) prints the same tokens, the route and the timings;
 3. a node on the route is killed (SIGKILL) in the middle of a long generation: the output is the
    same as without the failure, and the result counts one failover or more;
-4. every node serving layer 0 is killed: the client raises one named error quickly, no hang."""
+4. the OpenAI-compatible gateway, driven by the official `openai` package: models, completions and
+   chat completions, streaming and not, and each bad request gets OpenAI's error shape and status;
+5. every node serving layer 0 is killed: the client raises one named error quickly, no hang, and
+   the gateway answers 503."""
 
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ def swarm(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("client-swarm")
     model = make_tiny_model(workdir / MODEL_ID, TinyModelSpec(num_layers=NUM_LAYERS, initializer_range=0.1))
+    _add_chat_template(model)
     with Processes(workdir) as procs:
         boot = start_bootstrap(procs)
         observer = SwarmObserver(boot.maddrs)
@@ -83,6 +87,21 @@ def swarm(tmp_path_factory):
             yield s
         finally:
             observer.close()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _add_chat_template(model: Path) -> None:
+    """The tiny tokenizer has no chat template; give it one (only the client reads it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +161,119 @@ def test_helix_generate_json(swarm, expected) -> None:
     assert out["timings"]["first_token_s"] > 0
 
 
+# ------------------------------------------------------------------------------------------ gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(client):
+    """The gateway on a free port, served by its own event loop in a thread."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+    from helix_p2p.client.gateway import Gateway
+    from procs import free_port
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    port = free_port()
+    runner = web.AppRunner(Gateway(client).app())
+
+    async def up() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    asyncio.run_coroutine_threadsafe(up(), loop).result(30)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def _openai(base_url: str):
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=60)
+
+
+def _post(url: str, data: bytes) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_gateway_serves_completions_and_chat_through_openai(gateway, client, expected) -> None:
+    _, whole = expected
+    api = _openai(gateway)
+    assert [m.id for m in api.models.list().data] == [MODEL_ID]
+
+    text = client.tokenizer.decode(whole[:6], skip_special_tokens=True)
+    done = api.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert done.choices[0].text == text and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 6
+    chunks = list(
+        api.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=6, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    messages = [{"role": "user", "content": "hello there"}]
+    direct = client.generate(messages=messages, max_new_tokens=6)
+    assert direct.prompt_token_ids == client.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    chat = api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content == direct.text
+    assert chat.choices[0].message.role == "assistant"
+    streamed = api.chat.completions.create(
+        model=MODEL_ID, messages=messages, max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == direct.text
+
+
+def test_the_gateway_answers_bad_requests_in_openais_shape(gateway) -> None:
+    import openai
+
+    api = _openai(gateway)
+    with pytest.raises(openai.NotFoundError) as e:
+        api.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.completions.create(model=MODEL_ID, prompt="x", max_tokens=10**6)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.completions.create(model=MODEL_ID, prompt="x", max_tokens=2, logprobs=2)
+    assert e.value.code == "unsupported_parameter" and e.value.param == "logprobs"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model=MODEL_ID, messages=[], max_tokens=2)
+    assert e.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.completions.create(model=MODEL_ID, prompt="x", max_tokens=2, extra_body={"frobnicate": 1})
+    assert e.value.param == "frobnicate"
+
+    status, body = _post(f"{gateway}/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    status, body = _post(f"{gateway}/completions", json.dumps({"model": MODEL_ID}).encode())
+    assert status == 400 and body["error"]["param"] == "prompt"
+    status, body = _post(
+        f"{gateway}/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
+    )
+    assert status == 400 and body["error"]["param"] == "model"
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
 def test_a_node_killed_mid_generation_is_failed_over_with_identical_output(swarm, client, expected) -> None:
     _, whole = expected
     names = swarm.names_by_peer()
@@ -165,7 +297,7 @@ def test_a_node_killed_mid_generation_is_failed_over_with_identical_output(swarm
     assert killed[0] in client.avoided()
 
 
-def test_killing_every_replica_of_some_layers_gives_a_clear_error(swarm, client) -> None:
+def test_killing_every_replica_of_some_layers_gives_a_clear_error(swarm, client, gateway) -> None:
     from helix_p2p.client import GenerationFailedError, NoRouteError
 
     records, _ = swarm.observer.read()
@@ -182,3 +314,7 @@ def test_killing_every_replica_of_some_layers_gives_a_clear_error(swarm, client)
     assert time.monotonic() - started < 90
     message = str(failed.value)
     assert "layers [0" in message or "no route" in message, message
+    status, body = _post(
+        f"{gateway}/completions", json.dumps({"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 2}).encode()
+    )
+    assert status == 503 and body["error"]["code"] == "swarm_unavailable", body
