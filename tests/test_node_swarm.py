@@ -450,6 +450,18 @@ def test_killing_the_planner_elects_another_within_one_ttl(swarm):
     )
 
 
+def test_ctrl_c_in_a_terminal_stops_a_node_cleanly(swarm):
+    """A terminal's Ctrl-C reaches the whole process group, the p2p daemon included, which then
+    dies before the node can announce that it leaves: the node must still exit 0, promptly."""
+    import os
+
+    proc = swarm.nodes["n5"]
+    swarm.stopped.add("n5")
+    os.killpg(proc.pid, signal.SIGINT)
+    assert swarm.procs.wait(proc, 60) == 0, proc.stderr()[-3000:]
+    assert "Traceback" not in proc.stderr()
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 

@@ -169,8 +169,16 @@ class SwarmDHT:
         except ValueError:  # no addresses (no_listen and no relay reservation yet)
             return []
 
-    async def shutdown(self) -> None:
-        await self.node.shutdown()
+    async def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Stop the DHT peer and its p2p daemon. A Ctrl-C in a terminal reaches the daemon too (it
+        is in our process group) and stops it first; hivemind then waits forever on the dead
+        daemon's control socket, so the polite path is bounded and the daemon is ended after it."""
+        try:
+            await asyncio.wait_for(self.node.shutdown(), timeout_s)
+        except (asyncio.TimeoutError, OSError, P2PDaemonError) as e:
+            logger.info("the p2p daemon had already stopped (%s); closing without it", type(e).__name__)
+            _quiet_dead_daemon_errors(asyncio.get_running_loop())
+            await asyncio.wait_for(self.node.p2p.shutdown(), timeout_s)
 
     # ---------------------------------------------------------------------------------- writing
 
@@ -236,3 +244,20 @@ def _entries(found: Any) -> list[tuple[bytes, Any]]:
         if public_key is not None and item.expiration_time > get_dht_time():
             entries.append((public_key, item.value))
     return entries
+
+
+def _quiet_dead_daemon_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Once the daemon is gone, hivemind's reader tasks on its sockets end with connection errors
+    nobody awaits, which asyncio reports as tracebacks at exit. They say only that the daemon is
+    gone, which we know: log them at debug level; anything else goes to the previous handler."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), (ConnectionError, asyncio.IncompleteReadError)):
+            logger.debug("after the p2p daemon stopped: %s", context.get("message"))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
