@@ -139,7 +139,9 @@ class NodeConfig:
             if not (math.isfinite(value) and value >= 0):
                 raise NodeConfigError(f"{flag} must be >= 0, got {value}")
         if self.planner.method not in METHODS:
-            raise NodeConfigError(f"--planner-method {self.planner.method!r}: choose one of {', '.join(METHODS)}")
+            raise NodeConfigError(
+                f"--planner-method {self.planner.method!r}: choose one of {', '.join(METHODS)}"
+            )
         if not 0 <= self.planner.min_gain < 10:
             raise NodeConfigError(f"--replan-min-gain must be in [0, 10), got {self.planner.min_gain}")
         if self.max_layers is not None and self.max_layers < 1:
