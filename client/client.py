@@ -45,7 +45,7 @@ from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
 from helix_p2p.swarm.identity import ephemeral_identity
 
 from .errors import BadRequestError, ClientError, GenerationFailedError, NoRouteError
-from .view import RoutePicker, Snapshot, follow_plan
+from .view import RoutePicker, Snapshot, follow_plan, view_time
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -174,7 +174,15 @@ class HelixClient:
                 logger.info("reading the swarm failed: %s", e)
 
     async def _refresh(self) -> Snapshot:
-        records, plans = await self.dht.read()
+        fresh, plans = await asyncio.wait_for(self.dht.read(), timeout=max(5.0, 2 * self.options.refresh_s))
+        # A lookup can miss entries (a DHT peer holding them is slow or gone); a record read before
+        # stays good until it goes stale by its own timestamps, so merge rather than replace.
+        records = dict(self._snapshot.records)
+        for peer, record in fresh.items():
+            if peer not in records or record.updated_at >= records[peer].updated_at:
+                records[peer] = record
+        at = view_time(Snapshot(records, None, 0.0), time.time())
+        records = {p: r for p, r in records.items() if not r.is_stale(at)}
         plan = follow_plan(records, [p.record for p in plans], self._snapshot.plan, self.model_id)
         self._snapshot = Snapshot(records, plan, time.time())
         return self._snapshot
@@ -283,6 +291,8 @@ class HelixClient:
         emitted = ""
         failures: list[str] = []
         session: RemoteSession | None = None
+        route: tuple[RouteHop, ...] = ()
+        call_started = started
         finish_reason = "length"
         text = ""
         try:
@@ -290,6 +300,7 @@ class HelixClient:
                 try:
                     if session is None:
                         route = await self._route(len(prompt_ids), max_new_tokens, failures)
+                        call_started = time.monotonic()
                         session = await RemoteSession.open(
                             self.dht.p2p,
                             route,
@@ -298,14 +309,15 @@ class HelixClient:
                             timeout_s=self.options.step_timeout_s,
                         )
                         # a fresh route, or a replacement one: its KV is rebuilt from every token so far
+                        call_started = time.monotonic()
                         result = await session.step(prompt_ids + generated)
                     else:
+                        call_started = time.monotonic()
                         result = await session.step([generated[-1]])
                 except RETRYABLE as e:
                     failures.append(str(e))
-                    blamed = e.peer_id or (session.route[0].peer_id if session else None)
-                    if blamed:
-                        self._blame(blamed)
+                    for peer in self._suspects(e, route, time.monotonic() - call_started):
+                        self._blame(peer)
                     if session is not None:
                         self._close_quietly(session)
                         session = None
@@ -372,7 +384,11 @@ class HelixClient:
             if time.monotonic() >= deadline:
                 avoided = f"; avoiding {len(avoid)} failing peer(s)" if avoid else ""
                 after = f" after {len(failures)} failure(s) (last: {failures[-1]})" if failures else ""
-                raise NoRouteError(f"no route for model {self.model_id}{after}: {why}{avoided}")
+                seen = self._snapshot.live(view_time(self._snapshot, time.time()))
+                raise NoRouteError(
+                    f"no route for model {self.model_id}{after}: {why}{avoided} "
+                    f"({len(seen)} live node record(s) in view)"
+                )
             await asyncio.sleep(min(1.0, self.options.refresh_s))
             await self._refresh_quietly()
 
@@ -381,6 +397,16 @@ class HelixClient:
             await self._refresh()
         except Exception as e:  # noqa: BLE001 - the last view stays usable
             logger.info("reading the swarm failed: %s", e)
+
+    def _suspects(self, error: DataPlaneError, route: Sequence[RouteHop], elapsed_s: float) -> list[str]:
+        """The peers to avoid after `error`. A hop that answers names the peer that failed; but when
+        the first hop itself went silent until our timeout, any hop may be the one stalling (the
+        first waits for the rest), so every hop of the route is suspect."""
+        head = route[0].peer_id
+        stalled = isinstance(error, HopUnreachableError) and error.peer_id in (None, head)
+        if stalled and elapsed_s >= 0.9 * self.options.step_timeout_s:
+            return [h.peer_id for h in route]
+        return [error.peer_id or head]
 
     def _blame(self, peer_id: str) -> None:
         count = self._failures_by_peer.get(peer_id, 0) + 1

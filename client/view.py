@@ -34,6 +34,16 @@ class Snapshot:
         return {p: r for p, r in self.records.items() if r.is_live(now)}
 
 
+def view_time(snapshot: Snapshot, now: float) -> float:
+    """The time at which to judge the records' liveness: now, unless the view itself is behind.
+    When lookups fail for a while (a DHT peer holding registry entries stalls, and hivemind answers
+    from its cache), every record looks stale by the clock although the nodes are fine; judging
+    them against the newest record in view keeps the last good view usable. Peers that really
+    failed are avoided by the client after their first failure anyway."""
+    newest = max((r.updated_at + r.refresh_s for r in snapshot.records.values()), default=now)
+    return min(now, newest)
+
+
 def follow_plan(
     records: Mapping[str, NodeRecord], plans: Iterable[PlanRecord], current: PlanRecord | None, model_id: str
 ) -> PlanRecord | None:
@@ -72,7 +82,7 @@ class RoutePicker:
         now: float | None = None,
     ) -> tuple[tuple[RouteHop, ...] | None, str]:
         """A route for a request of this size, or (None, why there is none)."""
-        now = time.time() if now is None else now
+        now = view_time(snapshot, time.time()) if now is None else now
         live = {p: r for p, r in snapshot.live(now).items() if p not in avoid and _serving(r, self.model_id)}
         need = prompt_tokens + max_new_tokens
         why = "no plan has been published for this model yet"

@@ -15,6 +15,7 @@ The tests run in order on one swarm:
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -272,6 +273,35 @@ def test_the_gateway_answers_bad_requests_in_openais_shape(gateway) -> None:
 
 
 # ------------------------------------------------------------------------------------------ failures
+
+
+def test_a_stalled_hop_is_failed_over_with_identical_output(swarm, expected) -> None:
+    """A hop stops answering (SIGSTOP) mid-generation: after the step timeout the client suspects
+    the route's peers, re-routes over the other replicas and replays; the output is unchanged."""
+    from helix_p2p.client import ClientOptions, HelixClient
+
+    _, whole = expected
+    names = swarm.names_by_peer()
+    stopped: list[str] = []
+    options = ClientOptions(step_timeout_s=4, avoid_s=60, route_wait_s=8, max_failovers=3)
+    with HelixClient(swarm.maddrs, model=str(swarm.model), options=options) as fresh:
+
+        def on_token(token) -> None:
+            if not stopped and on_token.count == 4:
+                stopped.append(token.route_peers[-1])
+                swarm.procs.signal(swarm.nodes[names[stopped[0]]], signal.SIGSTOP)
+            on_token.count += 1
+
+        on_token.count = 0
+        try:
+            result = fresh.generate(PROMPT, max_new_tokens=LONG_TOKENS, on_token=on_token)
+        finally:
+            if stopped:
+                swarm.procs.signal(swarm.nodes[names[stopped[0]]], signal.SIGCONT)
+    assert stopped
+    assert result.token_ids == whole
+    assert result.failovers >= 1
+    assert stopped[0] not in {h["peer_id"] for h in result.route}
 
 
 def test_a_node_killed_mid_generation_is_failed_over_with_identical_output(swarm, client, expected) -> None:
