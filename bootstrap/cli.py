@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from helix_p2p.errors import HelixError
+from helix_p2p.logs import configure_logging
 from helix_p2p.swarm.keys import DEFAULT_PREFIX, check_prefix
 
 EXIT_USAGE = 2
@@ -97,14 +98,7 @@ async def serve(host: str, port: int, identity_path: Path, swarm: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # asyncio warns when hivemind's p2p daemon exits after the loop closed (a failed join): noise
-    # after our one-line error, and nothing a user can act on.
-    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    configure_logging(args.verbose)
     try:
         if not 0 <= args.port <= 65535:
             raise HelixError(f"--port must be in 0..65535 (0: any free port), got {args.port}")

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from helix_p2p.errors import HelixError
+from helix_p2p.logs import configure_logging
 from helix_p2p.swarm.keys import DEFAULT_PREFIX
 
 from .config import (
@@ -321,14 +322,7 @@ def run_join(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # asyncio warns when hivemind's p2p daemon exits after the loop closed (a failed join): noise
-    # after our one-line error, and nothing a user can act on.
-    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    configure_logging(args.verbose)
     if args.command != "join":
         parser.print_help()
         return EXIT_USAGE

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from helix_p2p.errors import HelixError
+from helix_p2p.logs import configure_logging
 
 EXIT_USAGE = 2
 logger = logging.getLogger("helix_p2p.node.serve")
@@ -115,10 +116,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         return asyncio.run(serve(args))
     except HelixError as e:

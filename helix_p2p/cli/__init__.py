@@ -5,12 +5,12 @@ each module there exposes `register(subparsers)`, which adds its parser and sets
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Sequence
 
 from helix_p2p.errors import HelixError
+from helix_p2p.logs import configure_logging
 
 EXIT_USAGE = 2  # argparse's own code for bad arguments; we use it for bad input files too
 EXIT_FAILURE = 1
@@ -38,10 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     named = [a for a in argv if not a.startswith("-")]
     parser = build_parser(only=named[0] if named else None)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
