@@ -68,15 +68,21 @@ def run_cluster(name: str, time_limit_s: float, backend: str) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--time-limit", type=float, default=60.0, help="MILP time limit per cluster (s)")
     parser.add_argument("--backend", choices=list(BACKENDS), default=BACKENDS[0])
     parser.add_argument("--backends", action="store_true", help="also compare the MILP backends")
     parser.add_argument("--only", nargs="*", help="cluster names to run (default: all)")
     args = parser.parse_args()
     names = args.only or [*bundled_cluster_names(), *SYNTHETIC]
-    print(f"MILP time limit {args.time_limit:.0f} s, backend {args.backend}; flows in tokens/s (max flow of the placement)")
-    print("| cluster (nodes) | method | flow | bound | gap % | seconds | paper | flow/paper | flow/best baseline |")
+    print(
+        f"MILP time limit {args.time_limit:.0f} s, backend {args.backend}; flows in tokens/s (max flow of the placement)"
+    )
+    print(
+        "| cluster (nodes) | method | flow | bound | gap % | seconds | paper | flow/paper | flow/best baseline |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         for line in run_cluster(name, args.time_limit, args.backend):
@@ -92,7 +98,9 @@ def main() -> int:
             reference = None
             for backend in BACKENDS:
                 started = time.monotonic()
-                result = plan(cluster, PlanOptions(method="milp", time_limit_s=args.time_limit, backend=backend))
+                result = plan(
+                    cluster, PlanOptions(method="milp", time_limit_s=args.time_limit, backend=backend)
+                )
                 reference = reference or result.objective_tokens_per_s
                 print(
                     f"| {name} | {backend} | {result.objective_tokens_per_s:.2f} | {fmt(result.upper_bound_tokens_per_s)} | "

@@ -4,9 +4,10 @@ clients' side. Pure data; reading and writing files is `formats.py`, capacities 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping, NewType
+from typing import Any, NewType
 
 NodeId = NewType("NodeId", str)
 

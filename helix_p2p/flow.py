@@ -106,9 +106,7 @@ def solve_flow_graph(graph: FlowGraph) -> MaxFlow:
     flows = tuple(
         EdgeFlow(edge.src, edge.dst, net.flow_on(arc)) for edge, arc in reported if net.flow_on(arc) > 0
     )
-    node_flow = {
-        node_id: net.flow_on(2 * i) for i, node_id in enumerate(graph.node_capacity_tokens_per_s)
-    }
+    node_flow = {node_id: net.flow_on(2 * i) for i, node_id in enumerate(graph.node_capacity_tokens_per_s)}
     return MaxFlow(value, flows, node_flow)
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from helix_p2p.cluster import SINK, SOURCE, Cluster, CoordinatorLink, Link, ModelShape, NodeId, NodeSpec
 from helix_p2p.errors import HelixError
-from helix_p2p.plan import EdgeFlow, Placement, Plan, PlacementRecord
+from helix_p2p.plan import EdgeFlow, Placement, PlacementRecord, Plan
 
 CLUSTER_FORMAT = "helix-cluster/1"
 PLAN_FORMAT = "helix-plan/1"
@@ -80,7 +81,9 @@ class _Reader:
             return math.nan
         return self.check_number(value, _join(path, key), positive=positive, non_negative=non_negative)
 
-    def check_number(self, value: Any, path: str, *, positive: bool = False, non_negative: bool = False) -> float:
+    def check_number(
+        self, value: Any, path: str, *, positive: bool = False, non_negative: bool = False
+    ) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(path, f"expected a number, got {_kind(value)}")
         try:
@@ -149,7 +152,9 @@ def _load_json(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise FormatError(str(path), "", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise FormatError(
+            str(path), "", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
     except (ValueError, RecursionError) as e:
         # json raises plain ValueError for integer literals past Python's digit limit and
         # RecursionError for absurdly nested arrays: still a bad file, not a crash
@@ -284,7 +289,8 @@ def _parse_node(r: _Reader, item: Any, path: str) -> NodeSpec:
             "tokens_per_s[k-1] must give the throughput for every k up to max_layers",
         )
     tokens_per_s = tuple(
-        r.check_number(v, f"{path}.tokens_per_s[{k}]", positive=True) for k, v in enumerate(table[:max_layers])
+        r.check_number(v, f"{path}.tokens_per_s[{k}]", positive=True)
+        for k, v in enumerate(table[:max_layers])
     )
     return NodeSpec(
         id=NodeId(r.str_(item, "id", path)),
@@ -342,7 +348,9 @@ def cluster_to_dict(cluster: Cluster) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- helix-plan/1
 
 
-def _parse_placement_map(r: _Reader, doc: Mapping[str, Any], key: str = "placement") -> dict[NodeId, tuple[int, int]]:
+def _parse_placement_map(
+    r: _Reader, doc: Mapping[str, Any], key: str = "placement"
+) -> dict[NodeId, tuple[int, int]]:
     raw = r.object_(doc, key)
     placement: dict[NodeId, tuple[int, int]] = {}
     for node_id, rng in raw.items():
@@ -441,7 +449,9 @@ def check_placement(placement: Placement, cluster: Cluster, where: str = "placem
     for node_id, (start, end) in placement.items():
         node = cluster.node_by_id.get(node_id)
         if node is None:
-            raise r.fail(f"placement.{node_id}", f"unknown node {node_id!r} (not in cluster {cluster.name!r})")
+            raise r.fail(
+                f"placement.{node_id}", f"unknown node {node_id!r} (not in cluster {cluster.name!r})"
+            )
         if not 0 <= start < end <= cluster.model.num_layers:
             raise r.fail(
                 f"placement.{node_id}",
@@ -451,4 +461,3 @@ def check_placement(placement: Placement, cluster: Cluster, where: str = "placem
             raise r.fail(
                 f"placement.{node_id}", f"holds {end - start} layers but max_layers is {node.max_layers}"
             )
-

@@ -3,8 +3,8 @@ edge flows that route requests over it (`helix-plan/1`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from helix_p2p.cluster import NodeId
 from helix_p2p.errors import HelixError
@@ -43,7 +43,9 @@ class Plan:
             return None
         if self.upper_bound_tokens_per_s - self.objective_tokens_per_s <= 1e-9:
             return 0.0  # also a cluster that can carry no flow, bounded by a sliver above 0
-        return max(0.0, (self.upper_bound_tokens_per_s - self.objective_tokens_per_s) / self.upper_bound_tokens_per_s)
+        return max(
+            0.0, (self.upper_bound_tokens_per_s - self.objective_tokens_per_s) / self.upper_bound_tokens_per_s
+        )
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,9 @@ def synthetic_cluster(spec: SyntheticSpec) -> Cluster:
             )
     # Clients sit in every region (a gateway per region), so each node reaches them quickly.
     coordinator = [
-        CoordinatorLink(n.id, spec.intra_region_bytes_per_s, spec.intra_region_bytes_per_s, spec.intra_region_latency_s)
+        CoordinatorLink(
+            n.id, spec.intra_region_bytes_per_s, spec.intra_region_bytes_per_s, spec.intra_region_latency_s
+        )
         for n in nodes
     ]
     return Cluster(

@@ -26,14 +26,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("cluster", metavar="CLUSTER", help="helix-cluster/1 JSON file or bundled cluster name")
     p.add_argument("--method", choices=list(METHODS), default="milp", help="planner (default: milp)")
-    p.add_argument("--time-limit", type=_positive_float, default=60.0, metavar="SECONDS",
-                   help="stop the MILP after this long and return the best plan found (default: 60)")
-    p.add_argument("--partial-inference", action="store_true",
-                   help="let a node take over in the middle of another's range (DESIGN.md)")
+    p.add_argument(
+        "--time-limit",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop the MILP after this long and return the best plan found (default: 60)",
+    )
+    p.add_argument(
+        "--partial-inference",
+        action="store_true",
+        help="let a node take over in the middle of another's range (DESIGN.md)",
+    )
     p.add_argument("--out", metavar="PLAN.json", help="write the plan as helix-plan/1")
     p.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default: 0)")
-    p.add_argument("--backend", choices=BACKEND_NAMES, default=BACKEND_NAMES[0],
-                   help=f"MILP solver (default: {BACKEND_NAMES[0]}; see benchmarks/planner.py)")
+    p.add_argument(
+        "--backend",
+        choices=BACKEND_NAMES,
+        default=BACKEND_NAMES[0],
+        help=f"MILP solver (default: {BACKEND_NAMES[0]}; see benchmarks/planner.py)",
+    )
     p.add_argument("--threads", type=int, default=None, help="solver threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
@@ -52,7 +64,9 @@ def _positive_float(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     path = resolve_cluster_path(args.cluster)
     if not path.exists():
-        raise FormatError(str(path), "", "no such file (bundled clusters: " + ", ".join(bundled_cluster_names()) + ")")
+        raise FormatError(
+            str(path), "", "no such file (bundled clusters: " + ", ".join(bundled_cluster_names()) + ")"
+        )
     cluster = read_cluster(path)
     options = PlanOptions(
         method=args.method,
@@ -92,25 +106,33 @@ def print_plan(cluster: Cluster, result: Plan, out: TextIO) -> None:
     w = out.write
     w(f"cluster    {cluster.name}: {len(cluster.nodes)} nodes, {model.name} ({model.num_layers} layers)\n")
     backend = result.details.get("backend")
-    w(f"method     {result.method}{f' ({backend})' if backend else ''}, {result.solve_seconds:.1f} s"
-      f"{', partial inference' if result.partial_inference else ''}\n")
+    w(
+        f"method     {result.method}{f' ({backend})' if backend else ''}, {result.solve_seconds:.1f} s"
+        f"{', partial inference' if result.partial_inference else ''}\n"
+    )
     w(f"flow       {result.objective_tokens_per_s:.2f} tokens/s\n")
     if result.upper_bound_tokens_per_s is None:
         w("bound      none proven by this method\n")
     else:
         w(f"bound      {result.upper_bound_tokens_per_s:.2f} tokens/s (gap {100 * (result.gap or 0):.4f}%)\n")
-    w(f"compute    {cluster.compute_upper_bound_tokens_per_s():.2f} tokens/s (every node at its best layer count)\n")
+    w(
+        f"compute    {cluster.compute_upper_bound_tokens_per_s():.2f} tokens/s (every node at its best layer count)\n"
+    )
     published = cluster.published.get("helix_milp_max_flow")
     if isinstance(published, (int, float)) and published > 0:
-        w(f"Helix      {published:.2f} tokens/s published; this plan is x{result.objective_tokens_per_s / published:.3f}\n")
+        w(
+            f"Helix      {published:.2f} tokens/s published; this plan is x{result.objective_tokens_per_s / published:.3f}\n"
+        )
     node_flow = max_flow(cluster, result.placement, result.partial_inference).node_flow_tokens_per_s
     rows = sorted(result.placement.items(), key=lambda item: (item[1], item[0]))
     w(f"\n{'node':<16} {'gpu':<8} {'layers':<12} {'k':>3} {'capacity':>10} {'flow':>10}\n")
     for node_id, (start, end) in rows:
         node = cluster.node_by_id[node_id]
         capacity = cluster.node_capacity_tokens_per_s(node_id, end - start)
-        w(f"{node_id:<16} {node.gpu:<8} {f'[{start}, {end})':<12} {end - start:>3} "
-          f"{capacity:>10.1f} {node_flow.get(node_id, 0.0):>10.1f}\n")
+        w(
+            f"{node_id:<16} {node.gpu:<8} {f'[{start}, {end})':<12} {end - start:>3} "
+            f"{capacity:>10.1f} {node_flow.get(node_id, 0.0):>10.1f}\n"
+        )
     idle = [n.id for n in cluster.nodes if n.id not in result.placement]
     if idle:
         w(f"\nunused: {', '.join(idle)}\n")

@@ -101,7 +101,9 @@ def balanced_pipeline(members: list[NodeSpec], num_layers: int, activation_bytes
     counts = [1] * len(members)
     for _ in range(num_layers - len(members)):
         candidates = [i for i, n in enumerate(members) if counts[i] < n.max_layers]
-        best = max(candidates, key=lambda i: members[i].capacity_tokens_per_s(counts[i] + 1, activation_bytes))
+        best = max(
+            candidates, key=lambda i: members[i].capacity_tokens_per_s(counts[i] + 1, activation_bytes)
+        )
         counts[best] += 1
     placement: Placement = {}
     start = 0

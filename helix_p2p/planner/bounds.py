@@ -23,7 +23,8 @@ def passes(classes: list[NodeClass], num_layers: int, flow: float) -> bool:
     if flow <= 0:
         return True
     capped = sum(
-        cls.count * max(k * min(u, flow) for k, u in enumerate(cls.capacity_tokens_per_s, 1)) for cls in classes
+        cls.count * max(k * min(u, flow) for k, u in enumerate(cls.capacity_tokens_per_s, 1))
+        for cls in classes
     )
     if capped < num_layers * flow * (1 - 1e-12):
         return False

@@ -95,9 +95,7 @@ def class_links(cluster: Cluster, classes: list[NodeClass]) -> dict[tuple[int, i
     result = {}
     for a, ca in enumerate(classes):
         for b, cb in enumerate(classes):
-            caps = [
-                cluster.link_tokens_per_s(i, j) for i in ca.members for j in cb.members if i != j
-            ]
+            caps = [cluster.link_tokens_per_s(i, j) for i in ca.members for j in cb.members if i != j]
             if not caps:
                 continue
             lo, hi = min(caps), max(caps)
@@ -153,7 +151,12 @@ def split_for_exactness(
             continue
         for member in cls.members:
             split.append(
-                NodeClass(f"{cls.name}/{member}", (member,), cls.capacity_tokens_per_s,
-                          cls.source_tokens_per_s, cls.sink_tokens_per_s)
+                NodeClass(
+                    f"{cls.name}/{member}",
+                    (member,),
+                    cls.capacity_tokens_per_s,
+                    cls.source_tokens_per_s,
+                    cls.sink_tokens_per_s,
+                )
             )
     return split, class_links(cluster, split)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from helix_p2p.cluster import Cluster, NodeId
 from helix_p2p.flow import max_flow
 from helix_p2p.plan import Placement, Plan, PlanError
-
 
 #: MILP solvers (OR-Tools MathOpt backends), the default first. HiGHS is the default: on the
 #: bundled and synthetic clusters all three reach the same flows and bounds, but on 160 small

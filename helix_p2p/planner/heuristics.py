@@ -57,7 +57,9 @@ def _fit_pipeline(group: list[NodeSpec], num_layers: int, act: int) -> Placement
     return best
 
 
-def candidate_placements(cluster: Cluster, options: PlanOptions, previous: Plan | None = None) -> list[Placement]:
+def candidate_placements(
+    cluster: Cluster, options: PlanOptions, previous: Plan | None = None
+) -> list[Placement]:
     candidates = [
         baselines.swarm_placement(cluster),
         baselines.separate_pipelines_placement(cluster),
@@ -74,7 +76,9 @@ def candidate_placements(cluster: Cluster, options: PlanOptions, previous: Plan 
     return candidates
 
 
-def best_heuristic_placement(cluster: Cluster, options: PlanOptions, previous: Plan | None = None) -> Placement:
+def best_heuristic_placement(
+    cluster: Cluster, options: PlanOptions, previous: Plan | None = None
+) -> Placement:
     return max(
         (p for p in candidate_placements(cluster, options, previous) if p),
         key=lambda p: max_flow(cluster, p).value_tokens_per_s,

@@ -49,10 +49,21 @@ from helix_p2p.cluster import Cluster, NodeId
 from helix_p2p.flow import max_flow
 from helix_p2p.plan import Placement, Plan, PlanError
 from helix_p2p.planner.bounds import counting_bound
-from helix_p2p.planner.classes import ClassLink, NodeClass, class_links, free_blocks, node_classes, split_for_exactness
+from helix_p2p.planner.classes import (
+    ClassLink,
+    NodeClass,
+    class_links,
+    free_blocks,
+    node_classes,
+    split_for_exactness,
+)
 from helix_p2p.planner.core import BACKEND_NAMES, PlanOptions, Progress, plan_from_placement
 
-_SOLVERS = {"scip": mathopt.SolverType.GSCIP, "highs": mathopt.SolverType.HIGHS, "cpsat": mathopt.SolverType.CP_SAT}
+_SOLVERS = {
+    "scip": mathopt.SolverType.GSCIP,
+    "highs": mathopt.SolverType.HIGHS,
+    "cpsat": mathopt.SolverType.CP_SAT,
+}
 BACKENDS = {name: _SOLVERS[name] for name in BACKEND_NAMES}
 
 Range = tuple[int, int]  # (start, k)
@@ -148,13 +159,13 @@ def build_model(
         in_parts: dict[int, list] = {c: [] for c in range(len(classes)) if starting.get((c, p))}
         inside_out: dict[int, list] = {}
         inside_in: dict[int, list] = {}
-        for c in out_parts:
+        for c, parts in out_parts.items():
             v = model.add_variable(lb=0, name=f"o[{c},{p}]")
-            out_parts[c].append(v)
+            parts.append(v)
             inside_out.setdefault(block_of[c], []).append(v)
-        for c in in_parts:
+        for c, parts in in_parts.items():
             v = model.add_variable(lb=0, name=f"i[{c},{p}]")
-            in_parts[c].append(v)
+            parts.append(v)
             inside_in.setdefault(block_of[c], []).append(v)
         for x in set(inside_out) | set(inside_in):
             model.add_linear_constraint(
@@ -171,7 +182,9 @@ def build_model(
                 in_parts[b].append(w)
                 others_b, others_a = classes[b].count, classes[a].count
                 model.add_linear_constraint(w <= link.max_tokens_per_s * others_b * total(ending[(a, p)], y))
-                model.add_linear_constraint(w <= link.max_tokens_per_s * others_a * total(starting[(b, p)], y))
+                model.add_linear_constraint(
+                    w <= link.max_tokens_per_s * others_a * total(starting[(b, p)], y)
+                )
         for c, parts in out_parts.items():
             model.add_linear_constraint(total(ending[(c, p)], h) == mathopt.fast_sum(parts))
         for c, parts in in_parts.items():
@@ -187,19 +200,21 @@ def build_model(
     one_block = len(free_blocks(classes, links)) == 1
     # Solutions are real when the model is exact: one block, no flow between blocks, or only
     # bounded pairs with a one-member side (where the McCormick bounds are exact).
-    real = one_block or restrict or (
-        mode == "full"
-        and all(
-            block_of[a] == block_of[b] or (link.uniform and min(classes[a].count, classes[b].count) == 1)
-            for (a, b), link in links.items()
+    real = (
+        one_block
+        or restrict
+        or (
+            mode == "full"
+            and all(
+                block_of[a] == block_of[b] or (link.uniform and min(classes[a].count, classes[b].count) == 1)
+                for (a, b), link in links.items()
+            )
         )
     )
     return ClassModel(model, classes, y, h, flow, solutions_real=real, refutes=one_block or not restrict)
 
 
-def placement_to_counts(
-    classes: list[NodeClass], placement: Placement
-) -> dict[tuple[int, int, int], int]:
+def placement_to_counts(classes: list[NodeClass], placement: Placement) -> dict[tuple[int, int, int], int]:
     class_of = {member: c for c, cls in enumerate(classes) for member in cls.members}
     counts: dict[tuple[int, int, int], int] = {}
     for node, (start, end) in placement.items():
@@ -278,7 +293,9 @@ def add_cover_cuts(
         for m in levels:
             # Rounding up keeps the cut valid under float noise: a node just below the target is
             # treated as covering alone, which only weakens the cut.
-            coef = {key: m if a >= 1 - 1e-9 else 1 + math.floor((m - 1) * a + 1e-9) for key, a in weights.items()}
+            coef = {
+                key: m if a >= 1 - 1e-9 else 1 + math.floor((m - 1) * a + 1e-9) for key, a in weights.items()
+            }
             cm.model.add_linear_constraint(mathopt.fast_sum(coef[key] * cm.y[key] for key in keys) >= m)
 
 
@@ -316,7 +333,12 @@ def _attempt(
     started = time.monotonic()
     try:
         cm = build_model(
-            cluster, classes, mode, cap_tokens_per_s=target if exactly else None, links=links, deadline=deadline
+            cluster,
+            classes,
+            mode,
+            cap_tokens_per_s=target if exactly else None,
+            links=links,
+            deadline=deadline,
         )
         if exactly:
             cm.model.add_linear_constraint(cm.flow == target)
@@ -362,9 +384,12 @@ def _attempt(
     placement = None
     if result.has_primal_feasible_solution():
         values = result.variable_values()
-        counts = {key: int(round(values[var])) for key, var in cm.y.items() if round(values[var]) > 0}
+        counts = {key: n for key, var in cm.y.items() if (n := round(values[var])) > 0}
         placement = counts_to_placement(classes, counts, previous)
-    infeasible = reason in (mathopt.TerminationReason.INFEASIBLE, mathopt.TerminationReason.INFEASIBLE_OR_UNBOUNDED)
+    infeasible = reason in (
+        mathopt.TerminationReason.INFEASIBLE,
+        mathopt.TerminationReason.INFEASIBLE_OR_UNBOUNDED,
+    )
     return _Attempt(
         target=target,
         refutes=cm.refutes,
@@ -408,7 +433,9 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     # Solvers overrun short time limits on big models (presolve does not look at the clock), so
     # the worst overrun seen so far is kept back from every later budget.
     overrun_s = 0.0
-    while hi - lo > max(tolerance * hi, 1e-9) and (remaining := deadline - time.monotonic()) > 1.0 + overrun_s:
+    while (
+        hi - lo > max(tolerance * hi, 1e-9) and (remaining := deadline - time.monotonic()) > 1.0 + overrun_s
+    ):
         improving = target is None
         # any positive flow beats none: with nothing found yet, ask for a sliver of the bound
         probe = (lo * (1 + tolerance) if lo > 0 else hi * tolerance) if improving else target
@@ -427,7 +454,9 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             time.monotonic() + budget,
             options,
             previous_placement,
-            mode=_search_mode(cluster, classes, best, links) if improving else _bound_mode(cluster, classes, links),
+            mode=_search_mode(cluster, classes, best, links)
+            if improving
+            else _bound_mode(cluster, classes, links),
             exactly=not improving,
             on_log=tracker.on_solver_log,
             links=links,
@@ -476,7 +505,12 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         "warm_start_tokens_per_s": warm_flow,
         "source_of_best": origin,
         "solves": [
-            {"target": a.target, "refutes": a.refutes, "termination": a.termination, "seconds": round(a.seconds, 2)}
+            {
+                "target": a.target,
+                "refutes": a.refutes,
+                "termination": a.termination,
+                "seconds": round(a.seconds, 2),
+            }
             for a in attempts
         ],
     }
@@ -503,7 +537,9 @@ def _bound_mode(cluster: Cluster, classes: list[NodeClass], links: dict[tuple[in
     return "full" if _pair_variables(cluster, classes, links) <= FULL_MODEL_MAX_PAIR_VARIABLES else "relaxed"
 
 
-def _pair_variables(cluster: Cluster, classes: list[NodeClass], links: dict[tuple[int, int], ClassLink]) -> int:
+def _pair_variables(
+    cluster: Cluster, classes: list[NodeClass], links: dict[tuple[int, int], ClassLink]
+) -> int:
     blocks = free_blocks(classes, links)
     block_of = {c: x for x, block in enumerate(blocks) for c in block}
     return sum(1 for (a, b) in links if block_of[a] != block_of[b]) * cluster.model.num_layers
@@ -527,9 +563,7 @@ def _within_blocks(
     blocks = free_blocks(classes, links)
     block_of = {m: x for x, block in enumerate(blocks) for c in block for m in classes[c].members}
     flows = max_flow(cluster, placement).flows
-    return all(
-        block_of[f.src] == block_of[f.dst] for f in flows if f.src in block_of and f.dst in block_of
-    )
+    return all(block_of[f.src] == block_of[f.dst] for f in flows if f.src in block_of and f.dst in block_of)
 
 
 def _dual_bound(result: mathopt.SolveResult) -> float | None:
