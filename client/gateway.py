@@ -283,9 +283,9 @@ class Gateway:
                 **kwargs,
             )
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
+            # one event per token (its text may be "" mid-character), as OpenAI streams
             while (token := await tokens.get()) is not None:
-                if token.text:
-                    await response.write(chunk(token.text, None))
+                await response.write(chunk(token.text, None))
             result = future.result()
             await response.write(chunk(None if parsed.chat else "", result.finish_reason))
         except HelixError as e:
