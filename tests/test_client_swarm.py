@@ -162,6 +162,43 @@ def test_helix_generate_json(swarm, expected) -> None:
     assert out["timings"]["first_token_s"] > 0
 
 
+def test_async_forms_and_stop_strings(client, expected) -> None:
+    import asyncio
+
+    _, whole = expected
+
+    async def both():
+        done = await client.agenerate(PROMPT, max_new_tokens=6)
+        streamed = [t.token_id async for t in client.astream(PROMPT, max_new_tokens=6)]
+        return done, streamed
+
+    done, streamed = asyncio.run(both())
+    assert done.token_ids == whole[:6] and streamed == whole[:6]
+
+    text = client.generate(PROMPT, max_new_tokens=12).text
+    stop = text.strip()[3:6]
+    assert stop
+    cut = client.generate(PROMPT, max_new_tokens=12, stop=[stop])
+    assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_helix_serve_answers_models(swarm) -> None:
+    import urllib.request
+
+    from procs import free_port
+
+    port = free_port()
+    argv = [str(Path(sys.executable).parent / "helix"), "serve", "--initial-peers", *swarm.maddrs,
+            "--model", str(swarm.model), "--port", str(port)]  # fmt: skip
+    proc = swarm.procs.start("helix-serve", argv)
+    wait_for(lambda: "serving" in proc.stdout() or not proc.alive(), 90, "helix serve to start")
+    assert proc.alive(), proc.stderr()[-3000:]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as response:
+        assert json.loads(response.read())["data"][0]["id"] == MODEL_ID
+    swarm.procs.signal(proc)
+    assert swarm.procs.wait(proc, 30) == 0, proc.stderr()[-3000:]
+
+
 # ------------------------------------------------------------------------------------------ gateway
 
 
