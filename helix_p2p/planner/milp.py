@@ -25,13 +25,24 @@ holding k layers, source and sink capacities src_c, snk_c) and each range [s, s+
   link_ab * E[a,p] * S[b,p]; the product is replaced by its McCormick over-estimators
       w[a,b,p] <= link_ab * N_b * E[a,p]      w[a,b,p] <= link_ab * N_a * S[b,p]
   which are exact when a class has one member and a relaxation otherwise.
-  When every pair is free, w is summed out and (3) becomes one balance row per boundary:
-      sum_{s+k=p} h[.,s,k] = sum_k h[.,p,k]
+  Classes whose pairs are all free form a *block* (classes.free_blocks, e.g. a region of fast
+  links); inside a block w is summed out, so (3) needs one balance row per block and boundary
+      sum_{c in X, s+k=p} h[c,s,k] - (flow to other blocks) = sum_{c in X} h[c,p,k] - (flow from them)
+  and w exists only between classes of different blocks. One block: a single row per boundary.
+  Classes in bounded pairs are split into single nodes while the cluster is small
+  (classes.split_for_exactness), which makes every McCormick bound exact.
+  build_model's `mode` picks the full model above, its restriction with no flow between blocks
+  (fast to search, solutions real), or its relaxation with links ignored (fast to refute).
 
-Every step is exact or a relaxation of the per-node problem, so the solver's dual bound is a proven
-upper bound on the best placement's flow. The placement it returns is re-scored with the exact max
-flow (flow.py), which is the objective we report: if a relaxation was used, the solver's value may
-be optimistic but the plan's never is."""
+(4) every layer is held by some node; (5) cover cuts valid only for flows above a target, derived
+in add_cover_cuts. The solve loop (solve_milp) turns those into a sequence of "is there a
+placement with flow above T?" questions, starting from the best heuristic placement and the
+solver-free bound of bounds.py.
+
+Every step is exact or a relaxation of the per-node problem (the restriction is used only to find
+placements, never to bound), so refutations and dual bounds prove upper bounds on the best
+placement's flow. Every placement found is re-scored with the exact max flow (flow.py), which is
+the objective we report: a relaxation's value may be optimistic, the plan's never is."""
 
 from __future__ import annotations
 
