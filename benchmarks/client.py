@@ -12,13 +12,11 @@ wall time (start-up included) is shown beside the timings it reports itself.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -82,29 +80,6 @@ def gateway(base_url: str, clients: int, tokens: int) -> list[tuple[float, float
         return list(pool.map(one, range(clients)))
 
 
-def serve_gateway(client) -> tuple[str, callable]:
-    from aiohttp import web
-    from helix_p2p.client.gateway import Gateway
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    port = free_port()
-    runner = web.AppRunner(Gateway(client).app())
-
-    async def up() -> None:
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-
-    asyncio.run_coroutine_threadsafe(up(), loop).result(30)
-
-    def stop() -> None:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-
-    return f"http://127.0.0.1:{port}/v1", stop
-
-
 def cli(maddrs: list[str], model: Path, tokens: int) -> tuple[float, float, float]:
     argv = [str(Path(sys.executable).parent / "helix"), "generate", "--initial-peers", *maddrs,
             "--model", str(model), "--max-new-tokens", str(tokens), "--json", PROMPT]  # fmt: skip
@@ -123,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from helix_p2p.client import ClientOptions, HelixClient
+    from helix_p2p.client.gateway import gateway_in_background
 
     from helix_p2p.shard import TinyModelSpec, make_tiny_model
 
@@ -132,8 +108,7 @@ def main() -> None:
         rows = []
         with HelixClient(maddrs, model=str(model), options=ClientOptions()) as client:
             library(client, 1, 4)  # warm-up: connections to both nodes
-            url, stop = serve_gateway(client)
-            try:
+            with gateway_in_background(client, free_port()) as url:
                 for clients in (1, 16):
                     base, http = [], []
                     for _ in range(args.rounds):  # interleaved, so that load from elsewhere hits both
@@ -141,8 +116,6 @@ def main() -> None:
                         http += gateway(url, clients, args.tokens)
                     rows.append(("library", clients, base, base))
                     rows.append(("gateway (openai, stream)", clients, http, base))
-            finally:
-                stop()
         first, rate, wall = cli(maddrs, model, args.tokens)
 
     print(

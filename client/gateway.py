@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,3 +317,25 @@ def _api_error(e: HelixError) -> ApiError:
         return ApiError(503, f"the swarm cannot serve this request now: {e}", "service_unavailable", None,
                         "swarm_unavailable")  # fmt: skip
     return ApiError(500, f"{type(e).__name__}: {e}", "server_error")
+
+
+@contextmanager
+def gateway_in_background(client: HelixClient, port: int, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve the gateway from an event loop of its own in a thread (tests, benchmarks, embedding in
+    a program that is not async); yields the API's base URL and stops the server on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="helix-gateway", daemon=True)
+    thread.start()
+    runner = web.AppRunner(Gateway(client).app())
+
+    async def up() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+
+    try:
+        asyncio.run_coroutine_threadsafe(up(), loop).result(30)
+        yield f"http://{host}:{port}/v1"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -205,30 +205,11 @@ def test_helix_serve_answers_models(swarm) -> None:
 @pytest.fixture(scope="module")
 def gateway(client):
     """The gateway on a free port, served by its own event loop in a thread."""
-    import asyncio
-    import threading
-
-    from aiohttp import web
-    from helix_p2p.client.gateway import Gateway
+    from helix_p2p.client.gateway import gateway_in_background
     from procs import free_port
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    port = free_port()
-    runner = web.AppRunner(Gateway(client).app())
-
-    async def up() -> None:
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-
-    asyncio.run_coroutine_threadsafe(up(), loop).result(30)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with gateway_in_background(client, free_port()) as url:
+        yield url
 
 
 def _openai(base_url: str):
