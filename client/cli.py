@@ -10,13 +10,8 @@ import sys
 DEFAULT_SWARM = "helix"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "generate",
-        help="generate text with a swarm (streams it to the terminal)",
-        description="Join the swarm as a client, route the prompt over the plan and stream the generated "
-        "text. Only the tokenizer and config of the model are read locally, never its weights.",
-    )
+def _add_swarm_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the swarm is and which model to use: shared by `helix generate` and `helix serve`."""
     p.add_argument(
         "--initial-peers", nargs="+", required=True, metavar="MADDR", help="multiaddrs of swarm peers"
     )
@@ -25,6 +20,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--swarm", default=DEFAULT_SWARM, metavar="PREFIX", help=f"swarm name (default {DEFAULT_SWARM})"
     )
+
+
+def _add_failover_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--step-timeout-s", type=float, default=30.0, help="a hop silent this long has failed")
+    p.add_argument("--max-failovers", type=int, default=4, help="re-routes allowed per request (4)")
+    p.add_argument(
+        "--connect-timeout-s", type=float, default=30.0, help="give up reaching the swarm after this"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text with a swarm (streams it to the terminal)",
+        description="Join the swarm as a client, route the prompt over the plan and stream the generated "
+        "text. Only the tokenizer and config of the model are read locally, never its weights.",
+    )
+    _add_swarm_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="most tokens to generate (32)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -34,11 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)"
     )
-    p.add_argument("--step-timeout-s", type=float, default=30.0, help="a hop silent this long has failed")
-    p.add_argument("--max-failovers", type=int, default=4, help="re-routes allowed before giving up (4)")
-    p.add_argument(
-        "--connect-timeout-s", type=float, default=30.0, help="give up reaching the swarm after this"
-    )
+    _add_failover_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address the client's p2p daemon listens on")
     p.add_argument(
         "--json",
@@ -56,23 +65,10 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
         description="Serve GET /v1/models, POST /v1/completions and POST /v1/chat/completions (with "
         "stream: true as server-sent events) by generating with the swarm.",
     )
-    p.add_argument(
-        "--initial-peers", nargs="+", required=True, metavar="MADDR", help="multiaddrs of swarm peers"
-    )
-    p.add_argument("--model", required=True, metavar="PATH_OR_ID", help="the model (its tokenizer is read)")
-    p.add_argument(
-        "--model-id", help="the model's id in the swarm and the API (default: folder name of --model)"
-    )
-    p.add_argument(
-        "--swarm", default=DEFAULT_SWARM, metavar="PREFIX", help=f"swarm name (default {DEFAULT_SWARM})"
-    )
+    _add_swarm_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--step-timeout-s", type=float, default=30.0, help="a hop silent this long has failed")
-    p.add_argument("--max-failovers", type=int, default=4, help="re-routes allowed per request (4)")
-    p.add_argument(
-        "--connect-timeout-s", type=float, default=30.0, help="give up reaching the swarm after this"
-    )
+    _add_failover_arguments(p)
     p.set_defaults(func=run_serve)
 
 

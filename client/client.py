@@ -168,10 +168,7 @@ class HelixClient:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.options.refresh_s)
-            try:
-                await self._refresh()
-            except Exception as e:  # noqa: BLE001 - a DHT hiccup of any kind: keep the last view, try again
-                logger.info("reading the swarm failed: %s", e)
+            await self._refresh_quietly()
 
     async def _refresh(self) -> Snapshot:
         fresh, plans = await asyncio.wait_for(self.dht.read(), timeout=max(5.0, 2 * self.options.refresh_s))
@@ -395,7 +392,7 @@ class HelixClient:
     async def _refresh_quietly(self) -> None:
         try:
             await self._refresh()
-        except Exception as e:  # noqa: BLE001 - the last view stays usable
+        except Exception as e:  # noqa: BLE001 - a DHT hiccup of any kind: the last view stays usable
             logger.info("reading the swarm failed: %s", e)
 
     def _suspects(self, error: DataPlaneError, route: Sequence[RouteHop], elapsed_s: float) -> list[str]:
