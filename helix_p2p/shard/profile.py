@@ -190,7 +190,7 @@ def device_name(device: torch.device) -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     except OSError:
-        pass
+        pass  # no /proc (not Linux): the platform's name above is the best we have
     return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
