@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from helix_p2p.cluster import Cluster
@@ -68,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
             str(path), "", "no such file (bundled clusters: " + ", ".join(bundled_cluster_names()) + ")"
         )
     cluster = read_cluster(path)
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        # say so before a solve that may take minutes, not after it
+        raise FormatError(args.out, "", "cannot write: its folder does not exist")
     options = PlanOptions(
         method=args.method,
         time_limit_s=args.time_limit,
