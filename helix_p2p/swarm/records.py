@@ -116,6 +116,11 @@ class NodeRecord:
     dht_client_mode: bool
     planner_eligible: bool
     addrs: tuple[str, ...] = ()
+    #: cumulative since the node started: sessions it opened as the first hop (requests) and tokens
+    #: it sampled as the last hop, so each request and token counts once over the swarm; status
+    #: pages turn them into rates by the difference between two records
+    requests_started: int = 0
+    tokens_generated: int = 0
 
     def is_stale(self, now: float) -> bool:
         """Missed two refreshes in a row: the node is presumed gone before its DHT entry expires."""
@@ -326,6 +331,8 @@ def node_record_to_wire(record: NodeRecord) -> dict[str, Any]:
         "dht_client_mode": record.dht_client_mode,
         "planner_eligible": record.planner_eligible,
         "addrs": list(record.addrs),
+        "requests_started": record.requests_started,
+        "tokens_generated": record.tokens_generated,
     }
 
 
@@ -393,6 +400,8 @@ def node_record_from_wire(doc: Any) -> NodeRecord:
         dht_client_mode=f.bool_("dht_client_mode"),
         planner_eligible=f.bool_("planner_eligible"),
         addrs=addrs,
+        requests_started=f.int_("requests_started", 0, 2**62),
+        tokens_generated=f.int_("tokens_generated", 0, 2**62),
     )
 
 
