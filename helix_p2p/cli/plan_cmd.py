@@ -13,6 +13,7 @@ from helix_p2p.flow import max_flow
 from helix_p2p.formats import FormatError, read_cluster, write_plan
 from helix_p2p.plan import Plan
 from helix_p2p.planner import BACKEND_NAMES, METHODS, PlanOptions, Progress, plan
+from helix_p2p.progress import advance_to, progress_bar
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out and not Path(args.out).resolve().parent.is_dir():
         # say so before a solve that may take minutes, not after it
         raise FormatError(args.out, "", "cannot write: its folder does not exist")
+    display = None if args.quiet else _ProgressDisplay(sys.stderr, args.time_limit)
     options = PlanOptions(
         method=args.method,
         time_limit_s=args.time_limit,
@@ -79,9 +81,13 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         backend=args.backend,
-        progress=None if args.quiet else _progress_printer(sys.stderr),
+        progress=display,
     )
-    result = plan(cluster, options)
+    try:
+        result = plan(cluster, options)
+    finally:
+        if display is not None:
+            display.close()
     print_plan(cluster, result, sys.stdout)
     if args.out:
         write_plan(result, args.out)
@@ -89,20 +95,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_printer(stream: TextIO):
-    def show(progress: Progress) -> None:
+class _ProgressDisplay:
+    """The solver's progress: on a terminal a bar over the time limit with the best flow and the
+    bound beside it; otherwise one line per report (logs and CI keep the history)."""
+
+    def __init__(self, stream: TextIO, time_limit_s: float) -> None:
+        self.stream = stream
+        self.bar = progress_bar("planning", time_limit_s, unit="s", stream=stream, bar_format=_BAR_FORMAT)
+
+    def __call__(self, progress: Progress) -> None:
         bound = "?" if progress.bound_tokens_per_s is None else f"{progress.bound_tokens_per_s:.2f}"
         gap = ""
         if progress.bound_tokens_per_s:
             gap = f" (gap {100 * (1 - progress.best_tokens_per_s / progress.bound_tokens_per_s):.2f}%)"
+        if not self.bar.disable:
+            note = f"best {progress.best_tokens_per_s:.2f} tokens/s, bound {bound}{gap}"
+            advance_to(self.bar, min(progress.elapsed_s, self.bar.total), note)
+            return
         activity = f"; {progress.activity}" if progress.activity else ""
         print(
             f"[{progress.elapsed_s:6.1f} s] best {progress.best_tokens_per_s:.2f} tokens/s, bound {bound}{gap}{activity}",
-            file=stream,
+            file=self.stream,
             flush=True,
         )
 
-    return show
+    def close(self) -> None:
+        self.bar.close()
+
+
+#: elapsed seconds against the time limit (the solve may end sooner, with a proof)
+_BAR_FORMAT = "{desc}: {bar} {n:.0f}/{total:.0f} s{postfix}"
 
 
 def print_plan(cluster: Cluster, result: Plan, out: TextIO) -> None:

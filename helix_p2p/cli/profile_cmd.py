@@ -72,8 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from helix_p2p.progress import progress_bar, step_callback
     from helix_p2p.shard.profile import ProfileError, ProfileOptions, cached_profile, node_form
 
     if args.max_memory is not None and not args.max_memory > 0:
@@ -86,13 +85,8 @@ def run(args: argparse.Namespace) -> int:
         kv_fraction=args.kv_fraction,
         max_batch_sessions=args.max_batch_sessions,
     )
-    bar = tqdm(total=None, desc="profiling", unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
-
-    def progress(what: str, done: int, total: int) -> None:
-        bar.total = total
-        bar.set_postfix_str(what)
-        bar.update(done - bar.n)
-
+    bar = progress_bar("profiling", unit="step")
+    progress = step_callback(bar)
     try:
         profile, from_cache = cached_profile(
             args.model,

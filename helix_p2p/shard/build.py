@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from helix_p2p.progress import track
 from helix_p2p.shard.api import ShardSpec
 from helix_p2p.shard.errors import DeviceError, LayerRangeError, MissingTensorError, ShardSpecError
 from helix_p2p.shard.families import (
@@ -72,7 +73,8 @@ def load_shard(spec: ShardSpec, *, clock: Callable[[], float] = time.monotonic) 
         raise ShardSpecError(f"max_padding_ratio must be >= 1, got {spec.max_padding_ratio}")
 
     layers = nn.ModuleList()
-    for index in range(spec.start, spec.end):
+    span = range(spec.start, spec.end)
+    for index in track(span, f"loading layers [{spec.start}, {spec.end})", len(span), unit="layer"):
         with torch.device("meta"):
             layer = family.decoder_layer(config, index)
         _assign(layer, checkpoint, layer_prefix(index), device, dtype)
