@@ -15,6 +15,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,8 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--swarm", default=DEFAULT_PREFIX, metavar="PREFIX", help=f"swarm name (default {DEFAULT_PREFIX})"
     )
+    parser.add_argument(
+        "--print-address",
+        action="store_true",
+        help="print the address this identity and port will have (creating the identity if needed) and "
+        "exit, e.g. export HELIX_INITIAL_PEERS=$(helix-bootstrap --print-address)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
+
+
+def local_ipv4s(host: str) -> list[str]:
+    """The IPv4 addresses a peer listening on `host` answers on: loopback first, so that the first
+    address always works on this machine."""
+    if host not in ("0.0.0.0", ""):
+        return [host]
+    found = ["127.0.0.1"]
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            address = info[4][0]
+            if address not in found and not address.startswith("127."):
+                found.append(address)
+    except OSError:  # no resolvable host name: loopback is still right
+        pass
+    return found
+
+
+def predicted_maddrs(host: str, port: int, peer_id: str) -> list[str]:
+    return [f"/ip4/{address}/tcp/{port}/p2p/{peer_id}" for address in local_ipv4s(host)]
 
 
 def join_line(maddrs: Sequence[str], swarm: str) -> str:
@@ -110,6 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise HelixError(
                 f"cannot create identity {identity_path}: directory {identity_path.parent} does not exist"
             )
+        if args.print_address:
+            if args.port == 0:
+                raise HelixError("--print-address needs a fixed --port (0 means a port chosen at start)")
+            from helix_p2p.swarm.identity import load_identity
+
+            for maddr in predicted_maddrs(args.host, args.port, load_identity(identity_path).peer_id):
+                print(maddr)
+            return 0
         return asyncio.run(serve(args.host, args.port, identity_path, args.swarm))
     except HelixError as e:
         print(f"helix-bootstrap: error: {e}", file=sys.stderr)

@@ -7,14 +7,14 @@ import argparse
 import json
 import sys
 
+from helix_p2p.cli.peers_arg import add_initial_peers
+
 DEFAULT_SWARM = "helix"
 
 
 def _add_swarm_arguments(p: argparse.ArgumentParser) -> None:
     """Where the swarm is and which model to use: shared by `helix generate` and `helix serve`."""
-    p.add_argument(
-        "--initial-peers", nargs="+", required=True, metavar="MADDR", help="multiaddrs of swarm peers"
-    )
+    add_initial_peers(p)
     p.add_argument("--model", required=True, metavar="PATH_OR_ID", help="the model (its tokenizer is read)")
     p.add_argument("--model-id", help="the model's id in the swarm (default: the folder name of --model)")
     p.add_argument(
@@ -27,6 +27,21 @@ def _add_failover_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failovers", type=int, default=4, help="re-routes allowed per request (4)")
     p.add_argument(
         "--connect-timeout-s", type=float, default=30.0, help="give up reaching the swarm after this"
+    )
+    p.add_argument(
+        "--verify-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="recompute this share of steps on another holder of the same layers and compare; "
+        "a peer caught lying is avoided and reported to the swarm (default 0)",
+    )
+    p.add_argument(
+        "--ban-min-reporters",
+        type=int,
+        default=2,
+        metavar="K",
+        help="do not route to peers reported lying by at least K distinct clients (default 2)",
     )
 
 
@@ -81,12 +96,15 @@ def run_serve(args: argparse.Namespace) -> int:
         step_timeout_s=args.step_timeout_s,
         max_failovers=args.max_failovers,
         connect_timeout_s=args.connect_timeout_s,
+        verify_rate=args.verify_rate,
+        ban_min_reporters=args.ban_min_reporters,
         host="127.0.0.1" if args.host in ("127.0.0.1", "localhost") else "0.0.0.0",
     )
     with HelixClient(
         args.initial_peers, model=args.model, swarm=args.swarm, model_id=args.model_id, options=options
     ) as client:
         print(f"serving {client.model_id} at http://{args.host}:{args.port}/v1", flush=True)
+        print(f"status page at http://{args.host}:{args.port}/ (metrics at /metrics)", flush=True)
         web.run_app(Gateway(client).app(), host=args.host, port=args.port, print=None)
     return 0
 
@@ -98,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         step_timeout_s=args.step_timeout_s,
         max_failovers=args.max_failovers,
         connect_timeout_s=args.connect_timeout_s,
+        verify_rate=args.verify_rate,
+        ban_min_reporters=args.ban_min_reporters,
         host=args.host,
     )
     with HelixClient(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from helix_p2p.cli.peers_arg import add_initial_peers
 from helix_p2p.errors import HelixError
 from helix_p2p.logs import configure_logging
 from helix_p2p.swarm.keys import DEFAULT_PREFIX
@@ -47,13 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "load the assigned layers; SIGINT/SIGTERM leaves cleanly.",
     )
     j = join.add_argument
-    j(
-        "--initial-peers",
-        nargs="+",
-        required=True,
-        metavar="MADDR",
-        help="multiaddrs of swarm peers (the bootstrap)",
-    )
+    add_initial_peers(join, "multiaddrs of swarm peers (the bootstrap)")
     j(
         "--model",
         required=True,

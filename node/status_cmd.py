@@ -12,6 +12,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from helix_p2p.cli.peers_arg import add_initial_peers
+
 DEFAULT_PREFIX = "helix"
 
 
@@ -28,9 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--initial-peers", nargs="+", required=True, metavar="MADDR", help="multiaddrs of swarm peers"
-    )
+    add_initial_peers(p)
     p.add_argument(
         "--swarm", default=DEFAULT_PREFIX, metavar="PREFIX", help=f"swarm name (default {DEFAULT_PREFIX})"
     )

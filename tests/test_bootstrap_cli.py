@@ -26,6 +26,11 @@ def test_restart_with_the_same_identity_keeps_the_address(tmp_path):
             == f"helix-node join --initial-peers {first.maddrs[0]} --model PATH_OR_ID --swarm lab-7"
         )
         assert identity.exists()
+        printed = subprocess.run(
+            bootstrap_argv("--print-address", "--identity", str(identity), "--port", str(port), "--host", "127.0.0.1"),
+            check=True, capture_output=True, text=True, timeout=120,
+        )
+        assert printed.stdout.split() == first.maddrs  # what the README exports as $HELIX_INITIAL_PEERS
         procs.signal(first.proc, signal.SIGTERM)
         assert procs.wait(first.proc, 30) == 0
 
