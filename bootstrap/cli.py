@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the address this identity and port will have (creating the identity if needed) and "
         "exit, e.g. export HELIX_INITIAL_PEERS=$(helix-bootstrap --print-address)",
     )
+    parser.add_argument(
+        "--dashboard-port", type=int, metavar="PORT", help="serve the swarm's status page on this port"
+    )
+    parser.add_argument(
+        "--dashboard-host", default="127.0.0.1", help="address of the status page (default 127.0.0.1)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
@@ -91,7 +97,9 @@ def join_line(maddrs: Sequence[str], swarm: str) -> str:
     return " ".join(shlex.quote(w) if w != "PATH_OR_ID" else w for w in words)
 
 
-async def serve(host: str, port: int, identity_path: Path, swarm: str) -> int:
+async def serve(
+    host: str, port: int, identity_path: Path, swarm: str, dashboard: tuple[str, int] | None = None
+) -> int:
     from helix_p2p.swarm.ctrl_c import daemon_survives_ctrl_c
     from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
     from helix_p2p.swarm.identity import load_identity
@@ -106,9 +114,15 @@ async def serve(host: str, port: int, identity_path: Path, swarm: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     with daemon_survives_ctrl_c():  # a terminal's Ctrl-C is ours to handle, not the p2p daemon's
         dht = await SwarmDHT.start(identity, swarm, (), options)
+    page = None
     try:
         await ProbeServer().register(dht.p2p)
         await ReachServer().register(dht.p2p)
+        if dashboard is not None:
+            from helix_p2p.web import serve_swarm_page
+
+            page = await serve_swarm_page(dht, *dashboard)
+            print(f"status page: http://{dashboard[0]}:{dashboard[1]}/")
         maddrs = await dht.visible_maddrs()
         for maddr in maddrs:
             print(maddr)
@@ -121,6 +135,8 @@ async def serve(host: str, port: int, identity_path: Path, swarm: str) -> int:
         logger.info("stopping")
         return 0
     finally:
+        if page is not None:
+            await page.close()
         await dht.shutdown()
 
 
@@ -147,7 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for maddr in predicted_maddrs(args.host, args.port, load_identity(identity_path).peer_id):
                 print(maddr)
             return 0
-        return asyncio.run(serve(args.host, args.port, identity_path, args.swarm))
+        dashboard = None
+        if args.dashboard_port is not None:
+            if not 0 < args.dashboard_port <= 65535:
+                raise HelixError(f"--dashboard-port must be in 1..65535, got {args.dashboard_port}")
+            dashboard = (args.dashboard_host, args.dashboard_port)
+        return asyncio.run(serve(args.host, args.port, identity_path, args.swarm, dashboard))
     except HelixError as e:
         print(f"helix-bootstrap: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -23,9 +23,12 @@ from typing import Any
 from aiohttp import web
 
 from helix_p2p.errors import HelixError
+from helix_p2p.web import StateView, add_dashboard_routes, add_metrics_route
 
 from .client import GenerationResult, HelixClient, Token
 from .errors import BadRequestError, GenerationFailedError, NoRouteError
+from .metrics import GatewayMetrics
+from .view import view_time
 
 DEFAULT_MAX_TOKENS = 16
 #: parameters the gateway takes (beyond model, prompt / messages): OpenAI's and two extensions
@@ -170,13 +173,23 @@ class Gateway:
         self.client = client
         self.model_id = model_id or client.model_id
         self.created = int(time.time())
+        self.metrics = GatewayMetrics()
+        self.view = StateView(self.model_id)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        # the swarm's status page and /api/state, from the client's view of the swarm, and /metrics
+        add_dashboard_routes(app, self.swarm_state)
+        add_metrics_route(app, self.metrics.registry)
         return app
+
+    def swarm_state(self) -> dict[str, Any]:
+        snapshot = self.client.snapshot()
+        plans = [] if snapshot.plan is None else [snapshot.plan]
+        return self.view.update(snapshot.records, plans, view_time(snapshot, time.time()))
 
     async def models(self, _: web.Request) -> web.Response:
         model = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "helix"}
@@ -189,6 +202,14 @@ class Gateway:
         return await self._serve(request, chat=True)
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        self.metrics.received("chat.completions" if chat else "completions")
+        self.metrics.in_flight.inc()
+        try:
+            return await self._serve_one(request, chat)
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def _serve_one(self, request: web.Request, chat: bool) -> web.StreamResponse:
         try:
             try:
                 body = await request.json()
@@ -199,11 +220,15 @@ class Gateway:
             if parsed.stream:
                 return await self._stream(request, parsed, kwargs)
             result = await self.client.agenerate(parsed.prompt, messages=parsed.messages, **kwargs)
+            self.metrics.served(result)
             return web.json_response(self._body(parsed, result))
         except ApiError as e:
+            self.metrics.failed(e.code or e.kind)
             return e.response()
         except HelixError as e:
-            return _api_error(e).response()
+            error = _api_error(e)
+            self.metrics.failed(error.code or error.kind)
+            return error.response()
 
     def _kwargs(self, parsed: Request) -> dict[str, Any]:
         kwargs = {
@@ -289,9 +314,11 @@ class Gateway:
             while (token := await tokens.get()) is not None:
                 await response.write(chunk(token.text, None))
             result = future.result()
+            self.metrics.served(result)
             await response.write(chunk(None if parsed.chat else "", result.finish_reason))
         except HelixError as e:
             error = _api_error(e)
+            self.metrics.failed(error.code or error.kind)
             doc = {
                 "error": {
                     "message": error.message,

@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="a DHT call to a silent peer is abandoned after this long (default 3)",
     )
+    j("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics at /metrics on this port")
+    j("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default 127.0.0.1)")
     return parser
 
 
@@ -209,6 +211,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         grace_s=args.grace_s,
         connect_timeout_s=args.connect_timeout_s,
         rpc_timeout_s=args.rpc_timeout_s,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     ).check()
 
 

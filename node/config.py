@@ -91,6 +91,9 @@ class NodeConfig:
     grace_s: float = 30.0
     connect_timeout_s: float = 30.0
     rpc_timeout_s: float = 3.0
+    #: serve Prometheus metrics at http://metrics_host:metrics_port/metrics; None: not at all
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @property
     def refresh_period_s(self) -> float:
@@ -150,6 +153,8 @@ class NodeConfig:
             raise NodeConfigError("--max-memory must be a positive number of GB")
         if not 0 <= self.port <= 65535:
             raise NodeConfigError(f"--port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:
+            raise NodeConfigError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
         if not 0 <= self.probe_peers <= 32:
             raise NodeConfigError(f"--probe-peers must be in 0..32, got {self.probe_peers}")
         if not 1024 <= self.probe_bytes <= 64 << 20:

@@ -41,6 +41,7 @@ from helix_p2p.swarm.records import (
 
 from .config import NodeConfig
 from .layers import LayerHost, LayerLoader
+from .metrics import NodeMetrics
 from .planner_role import PlannerRole
 from .serving import DataPlane, attach_data_plane
 from .sessions import SessionGate
@@ -75,6 +76,7 @@ class Node:
         self.memory_bytes = memory_bytes
         self.dht: SwarmDHT | None = None
         self.data_plane: DataPlane | None = None
+        self.metrics = NodeMetrics()
         self.layers = LayerHost(loader, on_change=self._changed)
         self.sessions = SessionGate()
         self.planner = PlannerRole(
@@ -139,10 +141,14 @@ class Node:
         stop.cancel()
         self.dht = joining.result()
         tasks: list[asyncio.Task] = []
+        metrics_site = None
         try:
             await ProbeServer().register(self.dht.p2p)
             await ReachServer().register(self.dht.p2p)
-            self.data_plane = await attach_data_plane(self.dht.p2p, self._served_shards, gate=self.sessions)
+            self.data_plane = await attach_data_plane(
+                self.dht.p2p, self._served_shards, gate=self.sessions, metrics=self.metrics
+            )
+            metrics_site = await self._serve_metrics()
             self.addrs = await self._visible_addrs()
             self.joined_at = time.time()
             logger.info(
@@ -183,10 +189,31 @@ class Node:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if metrics_site is not None:
+                await metrics_site.cleanup()
             if self.data_plane is not None:
                 await self.data_plane.close()
             await self.layers.close()
             await self.dht.shutdown()
+
+    async def _serve_metrics(self):
+        """Prometheus' /metrics on --metrics-port (None when not asked for)."""
+        if self.config.metrics_port is None:
+            return None
+        from aiohttp import web
+
+        from helix_p2p.web import add_metrics_route, start_site
+
+        def kv_used() -> int:
+            return 0 if self.layers.handle is None else int(self.layers.handle.reserved_kv_tokens)
+
+        self.metrics.watch(lambda: self.sessions.running, kv_used, self.layers.free_kv_tokens)
+        app = web.Application()
+        add_metrics_route(app, self.metrics.registry)
+        c = self.config
+        site = await start_site(app, c.metrics_host, c.metrics_port, "metrics")
+        logger.info("metrics at http://%s:%d/metrics", c.metrics_host, c.metrics_port)
+        return site
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -271,6 +298,8 @@ class Node:
             dht_client_mode=self.config.client_mode,
             planner_eligible=self.config.planner_eligible and not self.leaving,
             addrs=self.addrs,
+            requests_started=self.metrics.requests_started,
+            tokens_generated=self.metrics.tokens_generated,
         )
 
     def _nic_bytes_per_s(self) -> tuple[float, float]:

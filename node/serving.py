@@ -80,6 +80,8 @@ from helix_p2p.shard import (
     UnknownSessionError,
 )
 
+from .metrics import NodeMetrics
+
 logger = logging.getLogger(__name__)
 
 #: the shards a node serves now, newest first (a node switching layers briefly has two)
@@ -194,8 +196,10 @@ class DataPlane:
         *,
         gate: Gate | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.p2p = p2p
+        self.metrics = metrics or NodeMetrics()
         self.layers_provider = layers_provider
         self.limits = limits
         self.gate = gate
@@ -277,9 +281,11 @@ class DataPlane:
             return await self._close(message, peer)
         except DataPlaneError as e:
             logger.info("refused a %s from %s: %s: %s", kind, peer, e.code.value, e)
+            self.metrics.failed(e.code.value)
             return Failure.of(e, self.peer_id)
         except Exception as e:  # a bug or a device failure on a valid message: answer, keep serving
             logger.exception("failed on a %s from %s", kind, peer)
+            self.metrics.failed(ErrorCode.INTERNAL.value)
             return Failure(
                 ErrorCode.INTERNAL, f"peer {self.peer_id} failed: {type(e).__name__}: {e}", self.peer_id
             )
@@ -347,6 +353,7 @@ class DataPlane:
                 await self._drop(sid, "its open failed", close_shard=opened_here)
             raise
         self._sessions[sid].running = False
+        self.metrics.opened(first_hop=message.hop_index == 0)
         logger.info(
             "session %s opened by %s: layers [%d, %d), max_length %d, next hop %s",
             sid, peer, *hop.layers, message.max_length, next_peer or "none (samples here)",
@@ -395,6 +402,7 @@ class DataPlane:
                 position=message.position,
                 layers=served.layers,
             )
+            arrived = time.perf_counter()
             try:
                 result = await self._batcher(served.shard).submit(request)
             except UnknownSessionError as e:  # closed or expired on the shard meanwhile
@@ -402,6 +410,7 @@ class DataPlane:
                 raise self._translate(e, served.layers) from None
             except ShardError as e:
                 raise self._translate(e, served.layers) from None
+            self.metrics.stepped(result.num_tokens, time.perf_counter() - arrived, served.next_peer is None)
             if served.next_peer is None:
                 assert result.token_id is not None
                 return Generated(sid, result.position, result.num_tokens, result.token_id, result.finished)
@@ -509,9 +518,10 @@ async def attach_data_plane(
     limits: DataPlaneLimits | None = None,
     *,
     gate: Gate | None = None,
+    metrics: NodeMetrics | None = None,
 ) -> DataPlane:
     """Serve inference sessions on `p2p` for the shards `layers_provider()` returns (called on each
     open, so a node that switches layers serves the new ones at once)."""
-    plane = DataPlane(p2p, layers_provider, limits or DataPlaneLimits(), gate=gate)
+    plane = DataPlane(p2p, layers_provider, limits or DataPlaneLimits(), gate=gate, metrics=metrics)
     await plane.start()
     return plane

@@ -191,11 +191,11 @@ class Bootstrap:
 
 def start_bootstrap(
     procs: Processes, *, name: str = "bootstrap", port: int = 0, identity: Path | None = None, swarm: str = "helix",
-    timeout_s: float = 60,
+    timeout_s: float = 60, extra: Sequence[str] = (),
 ) -> Bootstrap:  # fmt: skip
     """Start `helix-bootstrap` on 127.0.0.1 and wait for the addresses it prints."""
     args = ["--host", "127.0.0.1", "--port", str(port), "--swarm", swarm]
-    args += ["--identity", str(identity or procs.workdir / f"{name}.key")]
+    args += ["--identity", str(identity or procs.workdir / f"{name}.key"), *extra]
     proc = procs.start(name, bootstrap_argv(*args))
 
     def printed() -> Bootstrap | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from helix_p2p.swarm.election import choose_plan, elect_planner
@@ -100,3 +101,93 @@ def format_status(doc: Mapping[str, Any]) -> str:
 
 def _short(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 14 else f"{peer_id[:6]}..{peer_id[-6:]}"
+
+
+# ------------------------------------------------------------------------------- the status page
+
+
+@dataclass(frozen=True)
+class PeerRates:
+    """A node's counters as of its newest record, and the rates since the record before."""
+
+    updated_at: float
+    requests_started: int
+    tokens_generated: int
+    requests_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+def advance_rates(
+    previous: Mapping[str, PeerRates], records: Mapping[str, NodeRecord]
+) -> dict[str, PeerRates]:
+    """Rates from the counters of successive records of each node. A node's rate changes only when
+    a newer record of it arrives (records refresh every few seconds, a page polls faster), so a
+    poll that sees the same record keeps the rate; a node seen for the first time has rate 0, and a
+    counter that went down (the node restarted) counts from 0 again. Nodes gone from `records` are
+    dropped."""
+    out: dict[str, PeerRates] = {}
+    for peer, r in records.items():
+        before = previous.get(peer)
+        if before is not None and r.updated_at <= before.updated_at:
+            out[peer] = before
+            continue
+        if before is None:
+            out[peer] = PeerRates(r.updated_at, r.requests_started, r.tokens_generated)
+            continue
+        elapsed_s = r.updated_at - before.updated_at
+        out[peer] = PeerRates(
+            r.updated_at,
+            r.requests_started,
+            r.tokens_generated,
+            _increase(before.requests_started, r.requests_started) / elapsed_s,
+            _increase(before.tokens_generated, r.tokens_generated) / elapsed_s,
+        )
+    return out
+
+
+def _increase(then_count: int, now_count: int) -> int:
+    return now_count - then_count if now_count >= then_count else now_count
+
+
+def swarm_state(
+    records: Mapping[str, NodeRecord],
+    plans: Iterable[PlanRecord],
+    now: float,
+    rates: Mapping[str, PeerRates],
+    model_id: str | None = None,
+) -> dict[str, Any]:
+    """What the status page shows (and `GET /api/state` returns): `swarm_status`'s nodes and plan,
+    each node with its load, counters and rates; the plan with its flow graph; the layer map (each
+    node's served and planned range over the model's layers); the swarm's requests/s and tokens/s."""
+    plans = list(plans)
+    doc = swarm_status(records, plans, now, model_id)
+    plan = None
+    if doc["plan"] is not None:
+        plan = next(
+            p for p in plans if p.epoch == doc["plan"]["epoch"] and p.planner == doc["plan"]["planner"]
+        )
+        doc["plan"]["flows"] = [
+            {"src": e.src, "dst": e.dst, "tokens_per_s": e.tokens_per_s} for e in plan.flows
+        ]
+        doc["plan"]["num_layers"] = plan.num_layers
+    for n in doc["nodes"]:
+        r = records[n["peer_id"]]
+        rate = rates.get(n["peer_id"])
+        n["load"] = r.load
+        n["requests_started"] = r.requests_started
+        n["tokens_generated"] = r.tokens_generated
+        n["requests_per_s"] = rate.requests_per_s if rate else 0.0
+        n["tokens_generated_per_s"] = rate.tokens_per_s if rate else 0.0
+        planned = plan.placement.get(n["peer_id"]) if plan is not None else None
+        n["planned_layers"] = list(planned) if planned else None
+    model_layers = [records[n["peer_id"]].model.num_layers for n in doc["nodes"]]
+    doc["num_layers"] = plan.num_layers if plan is not None else max(model_layers, default=0)
+    doc["layer_map"] = [
+        {"peer_id": n["peer_id"], "name": n["name"], "layers": n["layers"], "planned": n["planned_layers"]}
+        for n in doc["nodes"]
+        if n["layers"] is not None or n["planned_layers"] is not None
+    ]
+    doc["requests_per_s"] = sum(n["requests_per_s"] for n in doc["nodes"])
+    doc["tokens_per_s"] = sum(n["tokens_generated_per_s"] for n in doc["nodes"])
+    doc["at"] = now
+    return doc
