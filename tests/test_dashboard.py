@@ -102,3 +102,43 @@ def test_the_page_embeds_the_state_inertly(name):
     embedded = after.split("</script>", 1)[0]
     assert json.loads(embedded)["nodes"][0]["name"] == name
     assert "innerHTML" not in html  # the script only sets text and attributes
+
+
+def test_bad_ports_are_one_line_errors(tmp_path, capsys):
+    from helix_p2p.bootstrap.cli import main as bootstrap_main
+    from helix_p2p.node.cli import build_parser, config_from_args
+    from helix_p2p.node.config import NodeConfigError
+
+    assert bootstrap_main(["--identity", str(tmp_path / "b.key"), "--dashboard-port", "70000"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "helix-bootstrap: error: --dashboard-port must be in 1..65535, got 70000"
+    )
+    peer = "/ip4/127.0.0.1/tcp/1/p2p/QmXYp1b3GqWRQmXYp1b3GqWR"
+    args = build_parser().parse_args(["join", "--initial-peers", peer, "--model", "m", "--metrics-port", "0"])
+    with pytest.raises(NodeConfigError, match="--metrics-port must be in 1..65535, got 0"):
+        config_from_args(args)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_dashboard_port_in_use_is_a_one_line_error(tmp_path):
+    import socket
+    import subprocess
+
+    from procs import bootstrap_argv
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = bootstrap_argv("--host", "127.0.0.1", "--port", "0", "--identity", str(tmp_path / "b.key"),
+                              "--dashboard-port", str(port))  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=100, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert (
+        last
+        == f"helix-bootstrap: error: cannot serve the status page on 127.0.0.1:{port}: the port is in use"
+    )
+    assert "Traceback" not in done.stderr
