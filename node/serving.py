@@ -109,6 +109,31 @@ class _Served:
     forward_ids: bool
     last_used: float
     running: bool = False
+    #: KV positions reserved for it here (its max_length), counted against the owner's per-peer cap
+    kv_tokens: int = 0
+
+
+class _InFlight:
+    """The request bytes one stream brings, counted against its peer's in-flight caps from the frame's
+    header (before its body is read, so a refused frame is never buffered) until the reply is written."""
+
+    def __init__(self, quota: PeerQuota, peer: str, node: str) -> None:
+        self.quota, self.peer, self.node = quota, peer, node
+        self.num_bytes = 0
+
+    def admit(self, num_bytes: int) -> None:
+        why = self.quota.refuse_bytes(self.peer, num_bytes)
+        if why:
+            raise BusyError(f"peer {self.node} is busy: {why}", self.node)
+        self.quota.add_bytes(self.peer, num_bytes)
+        self.num_bytes = num_bytes
+
+    def __enter__(self) -> _InFlight:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.quota.remove_bytes(self.peer, self.num_bytes)
+        self.num_bytes = 0
 
 
 class _Batcher:
@@ -253,12 +278,15 @@ class DataPlane:
         self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         peer = stream_info.peer_id.to_base58()
-        with closing(writer):
+        with closing(writer), _InFlight(self.quota, peer, self.peer_id) as in_flight:
             try:
                 async with asyncio.timeout(self.limits.hop_timeout_s):
-                    data = await read_frame(reader, self.limits.max_request_bytes)
-            except MalformedMessageError as e:
+                    data = await read_frame(reader, self.limits.max_request_bytes, admit=in_flight.admit)
+            except BusyError as e:  # past the peer's bytes in flight: refused before reading the body
+                logger.info("refused a stream from %s: %s", peer, e)
                 reply: Reply = Failure.of(e, self.peer_id)
+            except MalformedMessageError as e:
+                reply = Failure.of(e, self.peer_id)
             except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
                 logger.info("a stream from %s ended before its request was read: %s", peer, type(e).__name__)
                 return
@@ -300,7 +328,7 @@ class DataPlane:
             )
         if sid in self._sessions:
             raise DuplicateSessionError(f"session {sid} is already open on peer {self.peer_id}")
-        why = self.quota.refuse_session(peer)
+        why = self.quota.refuse_session(peer, message.max_length)
         if why:
             raise BusyError(f"peer {self.peer_id} is busy: {why}")
         shard = self._shard_for(hop.layers)
@@ -310,12 +338,13 @@ class DataPlane:
             )
         if self.gate is not None and not self.gate.admit():
             raise BusyError(f"peer {self.peer_id} is leaving the swarm and opens no new sessions")
-        self.quota.add_session(peer)
+        self.quota.add_session(peer, message.max_length)
         next_peer = None if message.is_last else message.route[message.hop_index + 1].peer_id
         forward_ids = message.sampling.needs_history and not message.is_last
         self._sessions[sid] = _Served(
-            sid, shard, hop.layers, peer, next_peer, forward_ids, self.clock(), running=True
-        )
+            sid, shard, hop.layers, peer, next_peer, forward_ids, self.clock(), running=True,
+            kv_tokens=message.max_length,
+        )  # fmt: skip
         opened_here = False
         try:
             try:
@@ -389,11 +418,13 @@ class DataPlane:
             raise MalformedMessageError(
                 f"session {sid} already has a step running on peer {self.peer_id}; a session's steps go one at a time"
             )
-        why = self.quota.refuse_step(peer)
+        payload_bytes = message.payload_bytes
+        why = self.quota.refuse_step(peer) or self.quota.refuse_bytes(peer, payload_bytes)
         if why:
             raise BusyError(f"peer {self.peer_id} is busy: {why}")
         served.running = True
         self.quota.add_step(peer)
+        self.quota.add_bytes(peer, payload_bytes)
         try:
             request = StepRequest(
                 sid,
@@ -427,6 +458,7 @@ class DataPlane:
             served.running = False
             served.last_used = self.clock()
             self.quota.remove_step(peer)
+            self.quota.remove_bytes(peer, payload_bytes)
 
     def _owned(self, sid: str, peer: str) -> _Served:
         served = self._sessions.get(sid)
@@ -479,7 +511,7 @@ class DataPlane:
         served = self._sessions.pop(sid, None)
         if served is None:
             return
-        self.quota.remove_session(served.owner)
+        self.quota.remove_session(served.owner, served.kv_tokens)
         if self.gate is not None:
             self.gate.finish()
         if close_shard:

@@ -1,10 +1,14 @@
-"""What one node lets callers use: sessions, queued steps, message and step sizes, idle time.
+"""What one node lets callers use: sessions, queued steps, KV positions, bytes in flight, message
+and step sizes, idle time.
 
 Volunteers serve strangers, so every resource a message can claim has a cap, and the caps that
-matter against one greedy caller are per peer. `PeerQuota` is the bookkeeping (pure; the serving
-side calls it from its event loop). The peer that counts is the one that sends the message: for
-the first hop that is the client, for later hops the hop before, which carries all its clients'
-sessions (so per-peer caps should leave room for a neighbour's traffic)."""
+matter against one greedy caller are per peer: a peer past one of its caps is answered busy, naming
+the cap, while other peers are still served. Node-wide caps (`max_sessions`, `max_bytes_in_flight`,
+the shard's KV budget) bound the total, which is what bounds memory against many peer ids at once.
+`PeerQuota` is the bookkeeping (pure; the serving side calls it from its event loop). The peer that
+counts is the one that sends the message: for the first hop that is the client, for later hops the
+hop before, which carries all its clients' sessions (so per-peer caps should leave room for a
+neighbour's traffic)."""
 
 from __future__ import annotations
 
@@ -28,6 +32,12 @@ class DataPlaneLimits:
     max_sessions_per_peer: int = 256
     #: steps from one peer that may be queued or running here at once
     max_queued_steps_per_peer: int = 256
+    #: KV positions (sum of max_length) one peer's sessions may reserve here
+    max_kv_tokens_per_peer: int = 1 << 20
+    #: request bytes from one peer being received or served here at once
+    max_bytes_in_flight_per_peer: int = 512 * MIB
+    #: request bytes being received or served here at once, from everyone
+    max_bytes_in_flight: int = 1024 * MIB
     #: tokens in one step (a prefill longer than this is sent in several steps)
     max_step_tokens: int = 8192
     #: the largest request accepted, in bytes (hidden states of a long prefill)
@@ -40,7 +50,8 @@ class DataPlaneLimits:
     max_batch_steps: int = 64
 
     def __post_init__(self) -> None:
-        counts = ("max_sessions", "max_sessions_per_peer", "max_queued_steps_per_peer", "max_step_tokens",
+        counts = ("max_sessions", "max_sessions_per_peer", "max_queued_steps_per_peer", "max_kv_tokens_per_peer",
+                  "max_bytes_in_flight_per_peer", "max_bytes_in_flight", "max_step_tokens",
                   "max_request_bytes", "max_batch_steps")  # fmt: skip
         for name in counts:
             value = getattr(self, name)
@@ -53,30 +64,46 @@ class DataPlaneLimits:
 
 
 class PeerQuota:
-    """Counts of what each peer holds here: open sessions and steps in flight."""
+    """What each peer holds here: open sessions and their KV positions, steps in flight, request
+    bytes in flight. `refuse_*` says why a peer may not take more (None: it may, then call `add_*`)."""
 
     def __init__(self, limits: DataPlaneLimits) -> None:
         self.limits = limits
         self.sessions: Counter[str] = Counter()
+        self.kv_tokens: Counter[str] = Counter()
         self.steps: Counter[str] = Counter()
+        self.bytes_in_flight: Counter[str] = Counter()
 
     @property
     def total_sessions(self) -> int:
         return sum(self.sessions.values())
 
-    def refuse_session(self, peer: str) -> str | None:
-        """Why `peer` may not open another session now, or None (then call `add_session`)."""
-        if self.total_sessions >= self.limits.max_sessions:
-            return f"it holds its limit of {self.limits.max_sessions} sessions"
-        if self.sessions[peer] >= self.limits.max_sessions_per_peer:
-            return f"peer {peer} already holds its limit of {self.limits.max_sessions_per_peer} sessions here"
+    @property
+    def total_bytes_in_flight(self) -> int:
+        return sum(self.bytes_in_flight.values())
+
+    def refuse_session(self, peer: str, kv_tokens: int = 0) -> str | None:
+        limits = self.limits
+        if self.total_sessions >= limits.max_sessions:
+            return f"it holds its limit of {limits.max_sessions} sessions"
+        if self.sessions[peer] >= limits.max_sessions_per_peer:
+            return f"peer {peer} already holds its limit of {limits.max_sessions_per_peer} sessions here"
+        if self.kv_tokens[peer] + kv_tokens > limits.max_kv_tokens_per_peer:
+            return (
+                f"peer {peer} holds {self.kv_tokens[peer]} KV positions here and asks for {kv_tokens} more, "
+                f"over its limit of {limits.max_kv_tokens_per_peer} per peer"
+            )
         return None
 
-    def add_session(self, peer: str) -> None:
+    def add_session(self, peer: str, kv_tokens: int = 0) -> None:
         self.sessions[peer] += 1
+        if kv_tokens:
+            self.kv_tokens[peer] += kv_tokens
 
-    def remove_session(self, peer: str) -> None:
+    def remove_session(self, peer: str, kv_tokens: int = 0) -> None:
         self._decrement(self.sessions, peer)
+        if kv_tokens:
+            self._decrement(self.kv_tokens, peer, kv_tokens)
 
     def refuse_step(self, peer: str) -> str | None:
         if self.steps[peer] >= self.limits.max_queued_steps_per_peer:
@@ -89,10 +116,29 @@ class PeerQuota:
     def remove_step(self, peer: str) -> None:
         self._decrement(self.steps, peer)
 
+    def refuse_bytes(self, peer: str, num_bytes: int) -> str | None:
+        limits = self.limits
+        if self.bytes_in_flight[peer] + num_bytes > limits.max_bytes_in_flight_per_peer:
+            return (
+                f"peer {peer} has {self.bytes_in_flight[peer]} request bytes in flight here and sends "
+                f"{num_bytes} more, over its limit of {limits.max_bytes_in_flight_per_peer} bytes per peer"
+            )
+        if self.total_bytes_in_flight + num_bytes > limits.max_bytes_in_flight:
+            return f"it has its limit of {limits.max_bytes_in_flight} request bytes in flight"
+        return None
+
+    def add_bytes(self, peer: str, num_bytes: int) -> None:
+        if num_bytes:
+            self.bytes_in_flight[peer] += num_bytes
+
+    def remove_bytes(self, peer: str, num_bytes: int) -> None:
+        if num_bytes:
+            self._decrement(self.bytes_in_flight, peer, num_bytes)
+
     @staticmethod
-    def _decrement(counter: Counter[str], peer: str) -> None:
-        if counter[peer] <= 0:
+    def _decrement(counter: Counter[str], peer: str, amount: int = 1) -> None:
+        if counter[peer] < amount:
             raise RuntimeError(f"quota for {peer} released more than taken")
-        counter[peer] -= 1
+        counter[peer] -= amount
         if not counter[peer]:
             del counter[peer]

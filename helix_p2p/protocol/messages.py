@@ -41,6 +41,15 @@ def _is_int(x: object) -> bool:
     return type(x) is int  # bool is an int subclass, and never a count here
 
 
+def _is_finite_number(x: object) -> bool:
+    if type(x) not in (int, float):
+        return False
+    try:
+        return math.isfinite(x)  # type: ignore[arg-type]
+    except OverflowError:  # an int too large for a float (JSON allows any digits)
+        return False
+
+
 def check_session_id(session_id: object) -> str:
     if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
         shown = repr(session_id)[:80]
@@ -277,7 +286,7 @@ def sampling_from_fields(fields: dict[str, object]) -> SamplingParams:
     temperature, top_p, penalty = fields["temperature"], fields["top_p"], fields["repetition_penalty"]
     top_k, seed, stops = fields["top_k"], fields["seed"], fields["stop_token_ids"]
     for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", penalty)):
-        if not (isinstance(value, (int, float)) and type(value) is not bool and math.isfinite(value)):
+        if not _is_finite_number(value):
             raise MalformedMessageError(f"sampling {name} must be a finite number, got {value!r}")
     if not _is_int(top_k):
         raise MalformedMessageError(f"sampling top_k must be an int, got {top_k!r}")

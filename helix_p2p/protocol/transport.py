@@ -11,6 +11,7 @@ more than that."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from contextlib import closing
 
 from hivemind.p2p import P2P, PeerID
@@ -38,11 +39,16 @@ async def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()
 
 
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
-    """One frame; `MalformedMessageError` if it announces more than `max_bytes`."""
+async def read_frame(
+    reader: asyncio.StreamReader, max_bytes: int, admit: Callable[[int], None] | None = None
+) -> bytes:
+    """One frame; `MalformedMessageError` if it announces more than `max_bytes`. `admit(size)` is
+    called before the body is read (a receiver's per-peer byte cap: it raises to refuse)."""
     size = int.from_bytes(await reader.readexactly(FRAME_HEADER_BYTES), "big")
     if size > max_bytes:
         raise MalformedMessageError(f"a frame of {size} bytes passes the {max_bytes}-byte limit")
+    if admit is not None:
+        admit(size)
     return await reader.readexactly(size)
 
 

@@ -38,6 +38,9 @@ VERSION = 1
 MAX_HIDDEN = 1 << 16
 #: reply metadata is small; anything bigger is not a reply of ours
 MAX_REPLY_BYTES = 64 * 1024
+#: request metadata is at most a route of 256 hops and the sampling fields (~20 KiB); the cap keeps a
+#: stranger from making the node parse megabytes of JSON inside a request that is mostly tensors
+MAX_METADATA_BYTES = 64 * 1024
 _DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
     "float32": torch.float32,
@@ -163,11 +166,22 @@ def decode_request_message(request: runtime_pb2.ExpertRequest, limits: DataPlane
     return CloseSession(meta["session_id"])
 
 
-def _json(raw: bytes, keys: set[str], kind: str) -> dict[str, Any]:
+def _loads(raw: bytes, what: str) -> Any:
+    """JSON from a stranger: NaN and infinities refused, nesting too deep for the parser refused."""
     try:
-        meta = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise MalformedMessageError(f"{kind}: metadata is not JSON ({str(e)[:100]})") from None
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise MalformedMessageError(f"{what} is not JSON ({str(e)[:100]})") from None
+    except RecursionError:
+        raise MalformedMessageError(f"{what} is nested too deeply") from None
+
+
+def _json(raw: bytes, keys: set[str], kind: str) -> dict[str, Any]:
+    if len(raw) > MAX_METADATA_BYTES:
+        raise MalformedMessageError(
+            f"{kind}: metadata of {len(raw)} bytes passes the {MAX_METADATA_BYTES}-byte limit"
+        )
+    meta = _loads(raw, f"{kind}: metadata")
     if not isinstance(meta, dict) or set(meta) != keys:
         got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         raise MalformedMessageError(f"{kind}: metadata must have exactly the keys {sorted(keys)}, got {got}")
@@ -265,12 +279,9 @@ def decode_reply(data: bytes) -> Reply:
         response = runtime_pb2.ExpertResponse.FromString(data)
     except DecodeError as e:
         raise MalformedMessageError(f"the reply is not an ExpertResponse protobuf ({e})") from None
-    try:
-        meta = json.loads(response.metadata.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MalformedMessageError(f"reply metadata is not JSON ({str(e)[:100]})") from None
+    meta = _loads(response.metadata, "reply metadata")
     kind = meta.get("kind") if isinstance(meta, dict) else None
-    if kind not in _REPLY_KEYS or set(meta) != _REPLY_KEYS[kind] | {"kind", "v"} or meta["v"] != VERSION:
+    if not isinstance(kind, str) or kind not in _REPLY_KEYS or set(meta) != _REPLY_KEYS[kind] | {"kind", "v"} or meta["v"] != VERSION:
         raise MalformedMessageError(f"reply metadata is not a reply of protocol version {VERSION}")
     fields = {k: v for k, v in meta.items() if k not in ("kind", "v")}
     if kind == "opened":

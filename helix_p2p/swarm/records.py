@@ -461,6 +461,8 @@ def plan_record_from_body(body: bytes) -> PlanRecord:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RecordError(f"plan record: body is not JSON: {e}") from None
+    except RecursionError:
+        raise RecordError("plan record: body is nested too deeply") from None
     f = _Fields("plan record", doc)
     f.format_(PLAN_FORMAT)
     epoch = f.int_("epoch", 0, MAX_EPOCH)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from hivemind.utils.crypto import RSAPublicKey
 
 from helix_p2p.swarm.identity import Identity, IdentityError, peer_id_of
@@ -49,7 +50,7 @@ def verify_plan(wire: Any, *, owner_public_key: bytes | None = None) -> SignedPl
     try:
         key = RSAPublicKey.from_bytes(public_key)
         signer = peer_id_of(public_key)
-    except (ValueError, IdentityError) as e:
+    except (ValueError, IdentityError, UnsupportedAlgorithm) as e:
         raise PlanSignatureError(f"plan carries an unusable public key: {e}") from None
     if not key.verify(PLAN_SIGNING_CONTEXT + body, signature):
         raise PlanSignatureError(f"plan signed by {signer}: bad signature")

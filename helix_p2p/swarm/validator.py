@@ -15,6 +15,9 @@ Keys outside the swarm's prefix pass through untouched."""
 from __future__ import annotations
 
 import logging
+import math
+import time
+from typing import Any
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
@@ -46,6 +49,7 @@ def key_id(raw_key: str) -> bytes:
 class SwarmRecordValidator(RecordValidatorBase):
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self._refusals = _RefusalLog()
         self._kinds: dict[bytes, int] = {key_id(k): shard for shard, k in enumerate(registry_keys(prefix))}
         self._kinds[key_id(plan_key(prefix))] = _PLAN
 
@@ -56,14 +60,14 @@ class SwarmRecordValidator(RecordValidatorBase):
         try:
             self.check(record, kind)
         except (RecordError, IdentityError, ValueError, TypeError) as e:
-            logger.debug("refused swarm record: %s", e)
+            self._refusals.log(str(e))
             return False
         return True
 
     def check(self, record: DHTRecord, kind: int) -> None:
         if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
             raise RecordError("swarm keys hold only owned subkeys, not plain values")
-        public_key = public_key_of_owner_subkey(DHTProtocol.serializer.loads(record.subkey))
+        public_key = public_key_of_owner_subkey(_unpack(record.subkey, "subkey"))
         if public_key is None:
             raise RecordError("swarm records must be stored under an [owner:...] subkey")
         if record.expiration_time > get_dht_time() + MAX_TTL_S + MAX_DHT_TIME_DISCREPANCY_SECONDS:
@@ -71,7 +75,7 @@ class SwarmRecordValidator(RecordValidatorBase):
         limit = MAX_PLAN_RECORD_BYTES + 16 * 1024 if kind == _PLAN else MAX_NODE_RECORD_BYTES
         if len(record.value) > limit:
             raise RecordError(f"value of {len(record.value)} bytes is over the {limit} byte cap")
-        value = DHTProtocol.serializer.loads(record.value)
+        value = _unpack(record.value, "value")
         if kind == _PLAN:
             verify_plan(value, owner_public_key=public_key)
             return
@@ -83,6 +87,34 @@ class SwarmRecordValidator(RecordValidatorBase):
             raise RecordError(f"record for {node.peer_id} stored in the wrong registry shard")
         if node.updated_at > get_dht_time() + MAX_DHT_TIME_DISCREPANCY_SECONDS:
             raise RecordError(f"record for {node.peer_id} is dated in the future")
+
+
+def _unpack(raw: bytes, what: str) -> Any:
+    """msgpack from a stranger. The decoder and hivemind's ext types raise many unrelated errors on
+    garbage (ValueError, TypeError, KeyError, RecursionError...); each means only "not a record"."""
+    try:
+        return DHTProtocol.serializer.loads(raw)
+    except Exception as e:  # no common base to name; the record is refused, never trusted
+        raise RecordError(f"the {what} is not readable msgpack ({type(e).__name__})") from None
+
+
+class _RefusalLog:
+    """One info line per refused record, at most one per `interval_s`: a stranger can make a peer
+    refuse records as fast as it sends them, so lines in between are only counted in the next."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last_s = -math.inf
+        self._skipped = 0
+
+    def log(self, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last_s < self.interval_s:
+            self._skipped += 1
+            return
+        more = f" (and {self._skipped} more refused since the last line)" if self._skipped else ""
+        logger.info("ignored a swarm record that fails its checks: %s%s", reason, more)
+        self._last_s, self._skipped = now, 0
 
 
 def swarm_validators(identity: Identity, prefix: str) -> list[RecordValidatorBase]:
