@@ -100,7 +100,6 @@ def join_line(maddrs: Sequence[str], swarm: str) -> str:
 async def serve(
     host: str, port: int, identity_path: Path, swarm: str, dashboard: tuple[str, int] | None = None
 ) -> int:
-    from helix_p2p.swarm.ctrl_c import daemon_survives_ctrl_c
     from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
     from helix_p2p.swarm.identity import load_identity
     from helix_p2p.swarm.probe import ProbeServer
@@ -112,8 +111,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    with daemon_survives_ctrl_c():  # a terminal's Ctrl-C is ours to handle, not the p2p daemon's
-        dht = await SwarmDHT.start(identity, swarm, (), options)
+    dht = await SwarmDHT.start(identity, swarm, (), options)
     page = None
     try:
         await ProbeServer().register(dht.p2p)

@@ -20,7 +20,6 @@ import signal
 import time
 
 from helix_p2p import __version__
-from helix_p2p.swarm.ctrl_c import daemon_survives_ctrl_c
 from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
 from helix_p2p.swarm.election import choose_plan, elect_planner
 from helix_p2p.swarm.identity import Identity
@@ -128,11 +127,9 @@ class Node:
             check_identity_free=c.identity is not None,
         )
         self._install_signal_handlers()
-        # A terminal's Ctrl-C must not kill the p2p daemon before this node has announced leaving.
-        with daemon_survives_ctrl_c():
-            joining = asyncio.create_task(SwarmDHT.start(self.identity, c.swarm, c.initial_peers, options))
-            stop = asyncio.create_task(self._stop.wait())
-            await asyncio.wait([joining, stop], return_when=asyncio.FIRST_COMPLETED)
+        joining = asyncio.create_task(SwarmDHT.start(self.identity, c.swarm, c.initial_peers, options))
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait([joining, stop], return_when=asyncio.FIRST_COMPLETED)
         if not joining.done():
             joining.cancel()
             await asyncio.gather(joining, return_exceptions=True)
