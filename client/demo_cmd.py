@@ -53,6 +53,7 @@ NODE_TIMINGS = {
 }
 #: how long children get to stop politely before their process groups are killed
 STOP_GRACE_S = 10.0
+INTERRUPTED_GRACE_S = 3.0
 MADDR_LINE = re.compile(r"^/ip[46]/\S+/tcp/\d+/p2p/\w+$")
 
 
@@ -157,11 +158,15 @@ class Children:
                     + child.last_words()
                 )
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM to each child (nodes announce leaving), then SIGKILL to each whole group."""
+    def terminate(self) -> None:
+        """SIGTERM to each child (nodes announce leaving and drain); returns at once."""
         for child in self.children:
             if child.alive():
                 child.popen.send_signal(signal.SIGTERM)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM to each child, then after `grace_s` SIGKILL to each whole group."""
+        self.terminate()
         deadline = time.monotonic() + grace_s
         for child in self.children:
             try:
@@ -457,6 +462,7 @@ def run(args: argparse.Namespace) -> int:
     client = None
     ok = False
     serving_until_stopped = False  # --keep-running: then Ctrl-C is the normal way out
+    interrupted = False
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         boot_argv = [
@@ -507,6 +513,7 @@ def run(args: argparse.Namespace) -> int:
         ok = True
         return 0
     except (KeyboardInterrupt, Interrupted):
+        interrupted = not serving_until_stopped
         print("\nhelix demo: stopping every process it started", file=sys.stderr, flush=True)
         ok = True  # nothing failed: the logs need not stay
         return 0 if serving_until_stopped else 130
@@ -517,12 +524,16 @@ def run(args: argparse.Namespace) -> int:
         # A second Ctrl-C must not cut the clean-up short (it is bounded by STOP_GRACE_S).
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
+        stopping = time.monotonic()
+        children.terminate()  # they stop while the client closes
         try:
             if client is not None:
                 client.close()
         finally:
-            children.stop()
-            print(f"stopped {len(children.children)} processes", flush=True)
+            # after an interruption nobody waits for a polite goodbye: the whole swarm goes away
+            children.stop(STOP_GRACE_S if ok and not interrupted else INTERRUPTED_GRACE_S)
+            took_s = time.monotonic() - stopping
+            print(f"stopped {len(children.children)} processes in {took_s:.1f} s", flush=True)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             signal.signal(signal.SIGINT, signal.default_int_handler)

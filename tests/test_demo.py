@@ -79,7 +79,7 @@ def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path, cache_dir):
     assert layers[0][0] == 0 and layers[-1][1] == 8, out  # the plan covers the whole model
     rate = re.search(r"^tokens/s: ([\d.]+) \((\d+) tokens in 3 generations", out, re.MULTILINE)
     assert rate and float(rate.group(1)) > 0 and int(rate.group(2)) > 0, out
-    assert "stopped 5 processes" in out
+    assert "stopped 5 processes in" in out
     assert "Traceback" not in err
     assert "swarm:" not in err  # stderr is not a terminal: no progress bar
     assert_nothing_left(demo, out)
@@ -107,7 +107,7 @@ def test_ctrl_c_while_waiting_stops_everything(tmp_path, cache_dir):
     assert code == 130, f"exit {code}\n{out}\n{err[-3000:]}"
     assert stopped_s < 30, f"took {stopped_s:.1f} s to stop"
     assert "Traceback" not in err
-    assert "stopped 5 processes" in out
+    assert "stopped 5 processes in" in out
     assert_nothing_left(demo, out)
 
 
