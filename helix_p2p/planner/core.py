@@ -41,6 +41,9 @@ class PlanOptions:
     threads: int | None = None
     #: MILP backend: "scip", "highs" or "cpsat" (see milp.py and benchmarks/planner.py)
     backend: str = BACKEND_NAMES[0]
+    #: re-choose the edge flows (same total) so that parallel replicas share it (spread.py):
+    #: IWRR weighs the plan's edge flows, and a replica a max flow leaves at zero is never used
+    spread_flows: bool = True
 
 
 def plan_from_placement(
@@ -92,12 +95,12 @@ def plan(cluster: Cluster, options: PlanOptions | None = None, previous: Plan | 
     started = time.monotonic()
     result = method(cluster, options, previous)
     if isinstance(result, Plan):
-        return result
+        return _spread(cluster, options, result)
     placement, bound, details = result
     # Petals routes a request to any server holding the next layer it needs, which is exactly the
     # partial-inference edge rule; scoring its placement without it would misrepresent Petals.
     partial = options.partial_inference or options.method == "petals"
-    return plan_from_placement(
+    scored = plan_from_placement(
         cluster,
         placement,
         method=options.method,
@@ -106,6 +109,15 @@ def plan(cluster: Cluster, options: PlanOptions | None = None, previous: Plan | 
         partial_inference=partial,
         details=details,
     )
+    return _spread(cluster, options, scored)
+
+
+def _spread(cluster: Cluster, options: PlanOptions, result: Plan) -> Plan:
+    if not options.spread_flows:
+        return result
+    from helix_p2p.planner.spread import spread_plan
+
+    return spread_plan(cluster, result)
 
 
 def _milp(cluster: Cluster, options: PlanOptions, previous: Plan | None) -> Plan:

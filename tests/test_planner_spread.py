@@ -1,0 +1,97 @@
+"""The spreading post-step: the same total flow, shared by parallel replicas, so IWRR uses them all.
+
+Hand-made cluster (2 layers): replicas a and b hold layer 0, c holds layer 1; every number below is
+worked out from the builders' round tables."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from builders import A100, L4, T4, assert_plan_consistent, make_cluster, node
+
+from helix_p2p.flow import max_flow
+from helix_p2p.plan import Plan
+from helix_p2p.planner import PlanOptions, plan, plan_from_placement
+from helix_p2p.planner.spread import spread_plan
+from helix_p2p.routing import IwrrRouter, NodeStatus, RouteGraph, RouteRequest
+
+# a: T4 holding 1 layer = 240 tokens/s; b: A100 holding 1 layer = 1200; c: L4 holding 1 layer = 600.
+# Max flow = 600 (c is the bottleneck). Spread: LP 1 raises the least-used node: x_a + x_b = 600 and
+# x_a >= 240 t, x_b >= 1200 t give t = 600 / 1440, so x_a = 100, x_b = 500 (utilisation 5/12 each:
+# the split follows capacity); c carries 600 (utilisation 1), which LP 2 cannot lower.
+A, B, C = node("a", T4), node("b", A100), node("c", L4)
+CLUSTER = make_cluster([A, B, C], num_layers=2)
+PLACEMENT = {A.id: (0, 1), B.id: (0, 1), C.id: (1, 2)}
+
+
+def through(p: Plan) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for f in p.flows:
+        if f.dst != "sink":
+            out[f.dst] = out.get(f.dst, 0.0) + f.tokens_per_s
+    return out
+
+
+def test_replicas_share_the_flow_in_proportion_to_capacity() -> None:
+    before = plan_from_placement(CLUSTER, PLACEMENT, method="test", solve_seconds=0.0)
+    after = spread_plan(CLUSTER, before)
+    assert after.objective_tokens_per_s == before.objective_tokens_per_s == 600.0
+    assert_plan_consistent(CLUSTER, after)  # feasible, and carries exactly the objective
+    flows = through(after)
+    assert flows["a"] == pytest.approx(100.0, rel=1e-4)
+    assert flows["b"] == pytest.approx(500.0, rel=1e-4)
+    assert flows["c"] == pytest.approx(600.0, rel=1e-9)
+    assert after.details["flows"] == "spread"
+
+
+def test_dinic_alone_fills_one_replica_first() -> None:
+    # The premise of the step: the plain max flow runs a at its capacity and b at 360 / 1200, and
+    # with a downstream stage no faster than one replica, the other gets nothing at all.
+    plain = through(plan_from_placement(CLUSTER, PLACEMENT, method="t", solve_seconds=0.0))
+    assert (plain["a"], plain["b"]) == (240.0, 360.0)
+    slow = make_cluster([node("a", A100), node("b", L4), node("c", T4)], num_layers=2)
+    idle = through(plan_from_placement(slow, PLACEMENT, method="t", solve_seconds=0.0))
+    assert min(idle.get("a", 0.0), idle.get("b", 0.0)) == 0.0
+    spread = through(spread_plan(slow, plan_from_placement(slow, PLACEMENT, method="t", solve_seconds=0.0)))
+    assert spread["a"] == pytest.approx(240 * 1200 / 1800, rel=1e-4)  # 160, and b 80: 2 : 1
+    assert spread["b"] == pytest.approx(240 * 600 / 1800, rel=1e-4)
+
+
+def test_plan_spreads_by_default_and_keeps_placement_and_value() -> None:
+    options = PlanOptions(method="milp", time_limit_s=10, threads=1)
+    spread = plan(CLUSTER, options)
+    plain = plan(CLUSTER, replace(options, spread_flows=False))
+    assert spread.placement == plain.placement
+    assert spread.objective_tokens_per_s == plain.objective_tokens_per_s
+    assert spread.upper_bound_tokens_per_s == plain.upper_bound_tokens_per_s
+    assert plain.flows == max_flow(CLUSTER, plain.placement).flows
+    assert spread.details["flows"] == "spread" and "flows" not in plain.details
+    assert_plan_consistent(CLUSTER, spread)
+
+
+def test_iwrr_then_routes_over_both_replicas_by_their_share() -> None:
+    spread = spread_plan(CLUSTER, plan_from_placement(CLUSTER, PLACEMENT, method="t", solve_seconds=0.0))
+    router = IwrrRouter(RouteGraph(spread))
+    loads = {n: NodeStatus(free_kv_tokens=10**9, kv_budget_tokens=10**9) for n in ("a", "b", "c")}
+    firsts = [router.route(RouteRequest(100, 100), loads).hops[0].peer for _ in range(600)]  # type: ignore[union-attr]
+    assert firsts.count("a") == pytest.approx(100, abs=2)
+    assert firsts.count("b") == pytest.approx(500, abs=2)
+
+
+def test_a_node_off_every_path_does_not_stop_the_spreading() -> None:
+    # d holds layer 1 but no link reaches it: it can carry nothing, and must not pin t at 0.
+    d = node("d", L4)
+    cluster = make_cluster([A, B, C, d], num_layers=2, links=[("a", "c"), ("b", "c")])
+    placement = {**PLACEMENT, d.id: (1, 2)}
+    after = spread_plan(cluster, plan_from_placement(cluster, placement, method="t", solve_seconds=0.0))
+    assert after.details.get("flows") == "spread"
+    assert through(after)["a"] == pytest.approx(100.0, rel=1e-4)
+    assert "d" not in through(after)
+
+
+def test_a_plan_without_flow_is_returned_unchanged() -> None:
+    cluster = make_cluster([A, C], num_layers=2, links="none")
+    empty = plan_from_placement(cluster, {A.id: (0, 1), C.id: (1, 2)}, method="t", solve_seconds=0.0)
+    assert empty.objective_tokens_per_s == 0.0
+    assert spread_plan(cluster, empty) is empty
