@@ -151,7 +151,7 @@ class HelixClient:
                 SwarmDHT.start(self._identity, swarm, list(initial_peers), net),
                 self.options.connect_timeout_s + 15,
             )
-            self._call(self._refresh(), 60)
+            self._call(self._first_refresh(), self.options.connect_timeout_s + 15)
             self._refresher = self._call(self._start_refresher(), 10)
         except BaseException:
             self._stop_loop()
@@ -169,6 +169,20 @@ class HelixClient:
         while True:
             await asyncio.sleep(self.options.refresh_s)
             await self._refresh_quietly()
+
+    async def _first_refresh(self) -> Snapshot:
+        """The first view of the swarm. One read is capped at a few seconds, which a busy machine or
+        a DHT with dead peers in it can pass: try again until `connect_timeout_s`, then say so."""
+        deadline = time.monotonic() + self.options.connect_timeout_s
+        while True:
+            try:
+                return await self._refresh()
+            except asyncio.TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise ClientError(
+                        f"could not read the swarm's registry within {self.options.connect_timeout_s:g} s"
+                    ) from None
+                logger.info("reading the swarm's registry timed out; trying again")
 
     async def _refresh(self) -> Snapshot:
         fresh, plans = await asyncio.wait_for(self.dht.read(), timeout=max(5.0, 2 * self.options.refresh_s))
