@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 REPLY_LINGER_S = 0.5
 #: a NIC figure to announce before any link has been measured (1 Gbit/s)
 DEFAULT_NIC_BYTES_PER_S = 1.25e8
+#: record stores running at once (a slow one must not delay the next refresh)
+ANNOUNCES_IN_FLIGHT = 3
 
 
 class Node:
@@ -317,13 +319,33 @@ class Node:
             logger.warning("no DHT peer accepted this node's record; retrying at the next refresh")
 
     async def _announce_loop(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._announce_now.wait(), timeout=self.config.refresh_period_s)
-            except asyncio.TimeoutError:
-                pass  # the periodic refresh
-            self._announce_now.clear()
-            await self._announce()
+        # A store can take seconds (a busy machine, dead DHT peers to time out on). Awaited here, it
+        # stretched the gap between records to a period plus the store, past the two periods after
+        # which readers count a record stale: live nodes dropped out of elections and plans under
+        # churn. So refreshes keep their period and a slow store runs alongside the next one (the
+        # newer record wins in the DHT by its later expiration).
+        in_flight: set[asyncio.Task] = set()
+
+        def stored(task: asyncio.Task) -> None:
+            in_flight.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("announcing this node failed: %r; retrying at the next refresh", task.exception())
+
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._announce_now.wait(), timeout=self.config.refresh_period_s)
+                except asyncio.TimeoutError:
+                    pass  # the periodic refresh
+                self._announce_now.clear()
+                if len(in_flight) >= ANNOUNCES_IN_FLIGHT:
+                    await asyncio.wait(set(in_flight), return_when=asyncio.FIRST_COMPLETED)
+                task = asyncio.create_task(self._announce(), name="announce-store")
+                in_flight.add(task)
+                task.add_done_callback(stored)
+        finally:
+            for task in list(in_flight):
+                task.cancel()
 
     def _changed(self) -> None:
         self._update_state()
