@@ -368,12 +368,14 @@ class Node:
     async def _watch_loop(self) -> None:
         read_timeout_s = 4 * self.config.rpc_timeout_s + 5
         while True:
+            # Records are judged at the time the read began: one that takes seconds (a busy machine)
+            # must not age every record by its own length and make live nodes look stale.
+            now = time.time()
             try:
                 records, signed = await asyncio.wait_for(self.dht.read(), timeout=read_timeout_s)
             except asyncio.TimeoutError:
                 logger.warning("reading the registry took over %.0f s; trying again", read_timeout_s)
                 continue
-            now = time.time()
             records[self.peer_id] = self.record(now)  # we know we are alive, whatever the DHT says
             self.records = records
             plans = [p.record for p in signed]
