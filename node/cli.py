@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -318,6 +319,14 @@ def run_join(args: argparse.Namespace) -> int:
             identity.path.unlink()
 
 
+class _StoppedWhileStarting(BaseException):
+    """SIGTERM came before the node's event loop took signals over (imports, profiling)."""
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:
+    raise _StoppedWhileStarting
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -325,8 +334,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "join":
         parser.print_help()
         return EXIT_USAGE
+    # Starting takes seconds (torch, the checkpoint, the p2p daemon): a SIGTERM then used to kill the
+    # process by the signal (exit -15); stop as a node that is stopped while joining does, with 0.
+    signal.signal(signal.SIGTERM, _stop_while_starting)
     try:
         return run_join(args)
+    except _StoppedWhileStarting:
+        logger.info("SIGTERM while starting: stopped before joining")
+        return 0
     except HelixError as e:
         print(f"helix-node: error: {e}", file=sys.stderr)
         return EXIT_USAGE
