@@ -29,6 +29,8 @@ class Snapshot:
     records: Mapping[str, NodeRecord]
     plan: PlanRecord | None
     read_at: float
+    #: peers banned for lying by enough distinct reporters (`helix_p2p.swarm.reports`)
+    banned: frozenset[str] = frozenset()
 
     def live(self, now: float) -> dict[str, NodeRecord]:
         return {p: r for p, r in self.records.items() if r.is_live(now)}

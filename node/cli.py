@@ -18,6 +18,7 @@ from helix_p2p.cli.peers_arg import add_initial_peers
 from helix_p2p.errors import HelixError
 from helix_p2p.logs import configure_logging
 from helix_p2p.swarm.keys import DEFAULT_PREFIX
+from helix_p2p.swarm.reports import DEFAULT_MIN_REPORTERS
 
 from .config import (
     KV_RESERVE_TOKENS,
@@ -140,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="membership must hold this long before a re-plan (default: the refresh period)",
     )
+    j(
+        "--ban-min-reporters",
+        type=int,
+        default=DEFAULT_MIN_REPORTERS,
+        metavar="K",
+        help="when planning, leave out peers reported lying by at least K distinct clients "
+        f"(default {DEFAULT_MIN_REPORTERS})",
+    )
+    # Tests only: a node that lies (noise on its outputs) for the verification tests; not in --help.
+    j("--test-perturb-outputs", type=float, default=0.0, metavar="SCALE", help=argparse.SUPPRESS)
     j("--ttl-s", type=float, default=60.0, help="lifetime of this node's record without refresh (default 60)")
     j("--refresh-s", type=float, help="re-announce period (default: ttl/4)")
     j("--probe-peers", type=int, default=8, help="peers measured per probing round (default 8)")
@@ -195,12 +206,14 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         no_listen=args.no_listen,
         force_reachability=None if args.reachability == "auto" else args.reachability,
         planner_eligible=not args.no_plan,
+        test_perturb_scale=args.test_perturb_outputs,
         planner=PlannerOptions(
             method=args.planner_method,
             time_limit_s=args.planner_time_limit_s,
             min_gain=args.replan_min_gain,
             replan_period_s=args.replan_period_s,
             debounce_s=debounce_s,
+            ban_min_reporters=args.ban_min_reporters,
         ),
         ttl_s=ttl_s,
         refresh_s=refresh_s,

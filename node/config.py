@@ -14,6 +14,7 @@ from pathlib import Path
 from helix_p2p.errors import HelixError
 from helix_p2p.planner import METHODS
 from helix_p2p.swarm.keys import DEFAULT_PREFIX, check_prefix
+from helix_p2p.swarm.reports import DEFAULT_MIN_REPORTERS
 
 #: KV positions per held layer that sizing by memory keeps free (so a full node can still serve)
 KV_RESERVE_TOKENS = 2048
@@ -51,6 +52,8 @@ class PlannerOptions:
     replan_period_s: float = 600.0
     #: membership must hold this long before a re-plan (absorbs flapping records)
     debounce_s: float = 15.0
+    #: peers reported lying by this many distinct reporters are left out of plans (`swarm.reports`)
+    ban_min_reporters: int = DEFAULT_MIN_REPORTERS
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class NodeConfig:
     force_reachability: str | None = None
     planner_eligible: bool = True
     planner: PlannerOptions = field(default_factory=PlannerOptions)
+    #: tests only (hidden flag --test-perturb-outputs): noise on this node's outputs, a lying peer
+    test_perturb_scale: float = 0.0
     #: the registry forgets a record this long after its last refresh
     ttl_s: float = 60.0
     #: re-announce period; None: ttl_s / 4 (a record missing two refreshes is treated as gone)
@@ -147,6 +152,10 @@ class NodeConfig:
             )
         if not 0 <= self.planner.min_gain < 10:
             raise NodeConfigError(f"--replan-min-gain must be in [0, 10), got {self.planner.min_gain}")
+        if self.planner.ban_min_reporters < 1:
+            raise NodeConfigError(f"--ban-min-reporters must be >= 1, got {self.planner.ban_min_reporters}")
+        if not (math.isfinite(self.test_perturb_scale) and self.test_perturb_scale >= 0):
+            raise NodeConfigError(f"--test-perturb-outputs must be >= 0, got {self.test_perturb_scale}")
         if self.max_layers is not None and self.max_layers < 1:
             raise NodeConfigError(f"--max-layers must be >= 1, got {self.max_layers}")
         if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:

@@ -20,6 +20,7 @@ import signal
 import time
 
 from helix_p2p import __version__
+from helix_p2p.swarm.cluster_view import planning_members
 from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
 from helix_p2p.swarm.election import choose_plan, elect_planner
 from helix_p2p.swarm.identity import Identity
@@ -37,6 +38,7 @@ from helix_p2p.swarm.records import (
     PlanRecord,
     Reachability,
 )
+from helix_p2p.swarm.reports import BanRule, banned_peers
 
 from .config import NodeConfig
 from .layers import LayerHost, LayerLoader
@@ -103,6 +105,7 @@ class Node:
         #: a second signal: stop waiting for running sessions
         self._hurry = asyncio.Event()
         self._rng = random.Random(identity.peer_id)
+        self._last_banned: frozenset[str] = frozenset()
 
     @property
     def peer_id(self) -> str:
@@ -145,7 +148,11 @@ class Node:
             await ProbeServer().register(self.dht.p2p)
             await ReachServer().register(self.dht.p2p)
             self.data_plane = await attach_data_plane(
-                self.dht.p2p, self._served_shards, gate=self.sessions, metrics=self.metrics
+                self.dht.p2p,
+                self._served_shards,
+                gate=self.sessions,
+                metrics=self.metrics,
+                perturb_scale=c.test_perturb_scale,
             )
             metrics_site = await self._serve_metrics()
             self.addrs = await self._visible_addrs()
@@ -329,7 +336,9 @@ class Node:
         def stored(task: asyncio.Task) -> None:
             in_flight.discard(task)
             if not task.cancelled() and task.exception() is not None:
-                logger.warning("announcing this node failed: %r; retrying at the next refresh", task.exception())
+                logger.warning(
+                    "announcing this node failed: %r; retrying at the next refresh", task.exception()
+                )
 
         try:
             while True:
@@ -389,8 +398,25 @@ class Node:
             if chosen is not None and chosen != self.followed:
                 self._follow(chosen)
             if elected == self.peer_id and not self.leaving:
-                self.planner.tick(records, plans, self.followed, now)
+                self.planner.tick(records, plans, self.followed, now, await self._banned(records, now))
             await asyncio.sleep(self.config.poll_s)
+
+    async def _banned(self, records: dict[str, NodeRecord], now: float) -> frozenset[str]:
+        """Peers the planner leaves out: reported lying by enough distinct reporters."""
+        try:
+            reports = await asyncio.wait_for(self.dht.read_reports(), timeout=4 * self.config.rpc_timeout_s)
+        except asyncio.TimeoutError:
+            logger.info("reading the lying-peer reports timed out; planning without them this time")
+            return self._last_banned
+        rule = BanRule(min_reporters=self.config.planner.ban_min_reporters)
+        members = planning_members(records, now, self.model.id)
+        banned = banned_peers(reports, now, self.model.id, rule, members)
+        if banned != self._last_banned:
+            logger.info(
+                "peers banned for lying (by %d+ reporters): %s", rule.min_reporters, sorted(banned) or "none"
+            )
+        self._last_banned = banned
+        return banned
 
     def _follow(self, plan: PlanRecord) -> None:
         self.followed = plan

@@ -2,7 +2,8 @@
 
 Each registry read, the node that the election rule picks calls `tick`:
 - it takes over at once when the plan being followed is another planner's (the old one left);
-- it re-plans when the members differ from those the current plan was made for, once the
+- it re-plans when the members differ from those the current plan was made for (a peer banned
+  for lying, `helix_p2p.swarm.reports`, is no member), once the
   difference has held for the debounce period (a first plan waits the same way, so a swarm that
   is still starting up is not planned once per arriving node);
 - every `replan_period_s` it solves again and adopts the result only if the gain pays for the
@@ -72,8 +73,9 @@ class PlannerRole:
         plans: list[PlanRecord],
         followed: PlanRecord | None,
         now: float,
+        banned: frozenset[str] = frozenset(),
     ) -> None:
-        members = planning_members(records, now, self.model_id)
+        members = planning_members(records, now, self.model_id, banned)
         if not members or self.busy:
             return
         member_set = frozenset(members)

@@ -27,14 +27,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Protocol
 
+from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
+from torch import Generator, Tensor, randn
 
 from helix_p2p.protocol.errors import (
     BusyError,
@@ -46,6 +49,7 @@ from helix_p2p.protocol.errors import (
     SequenceTooLongError,
     SessionNotFoundError,
 )
+from helix_p2p.protocol.forward import Forward, Forwarded, decode_forward, forwarded_message, is_forward
 from helix_p2p.protocol.limits import DataPlaneLimits, PeerQuota
 from helix_p2p.protocol.messages import (
     Closed,
@@ -222,6 +226,7 @@ class DataPlane:
         gate: Gate | None = None,
         clock: Callable[[], float] = time.monotonic,
         metrics: NodeMetrics | None = None,
+        perturb_scale: float = 0.0,
     ) -> None:
         self.p2p = p2p
         self.metrics = metrics or NodeMetrics()
@@ -234,6 +239,9 @@ class DataPlane:
         self._sessions: dict[str, _Served] = {}
         self._batchers: dict[Shard, _Batcher] = {}
         self._reaper: asyncio.Task | None = None
+        #: tests only (`--test-perturb-outputs`): a lying node, for the verification tests
+        self.perturb_scale = perturb_scale
+        self._perturb_rng = Generator().manual_seed(0)
 
     # --------------------------------------------------------------------------------- life
 
@@ -269,6 +277,10 @@ class DataPlane:
     async def _on_unary(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
+        if is_forward(request):
+            return await self._serve_forward(
+                lambda: decode_forward(request, self.limits), context.remote_id.to_base58()
+            )
         reply = await self._serve(
             lambda: decode_request_message(request, self.limits), context.remote_id.to_base58()
         )
@@ -284,16 +296,22 @@ class DataPlane:
                     data = await read_frame(reader, self.limits.max_request_bytes, admit=in_flight.admit)
             except BusyError as e:  # past the peer's bytes in flight: refused before reading the body
                 logger.info("refused a stream from %s: %s", peer, e)
-                reply: Reply = Failure.of(e, self.peer_id)
+                reply_bytes = encode_reply(Failure.of(e, self.peer_id))
             except MalformedMessageError as e:
-                reply = Failure.of(e, self.peer_id)
+                reply_bytes = encode_reply(Failure.of(e, self.peer_id))
             except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
                 logger.info("a stream from %s ended before its request was read: %s", peer, type(e).__name__)
                 return
             else:
-                reply = await self._serve(lambda: decode_request(data, self.limits), peer)
+                forward = _forward_request(data)
+                if forward is not None:
+                    response = await self._serve_forward(lambda: decode_forward(forward, self.limits), peer)
+                    reply_bytes = response.SerializeToString()
+                else:
+                    reply = await self._serve(lambda: decode_request(data, self.limits), peer)
+                    reply_bytes = encode_reply(reply)
             try:
-                await write_frame(writer, encode_reply(reply))
+                await write_frame(writer, reply_bytes)
             except ConnectionError:
                 logger.info("peer %s hung up before its reply", peer)
 
@@ -317,6 +335,71 @@ class DataPlane:
             return Failure(
                 ErrorCode.INTERNAL, f"peer {self.peer_id} failed: {type(e).__name__}: {e}", self.peer_id
             )
+
+    # ---------------------------------------------------------------------------- forward
+
+    async def _serve_forward(self, decode: Callable[[], Forward], peer: str) -> runtime_pb2.ExpertResponse:
+        try:
+            return forwarded_message(await self._forward(decode(), peer))
+        except DataPlaneError as e:
+            logger.info("refused a forward from %s: %s: %s", peer, e.code.value, e)
+            return reply_message(Failure.of(e, self.peer_id))
+        except Exception as e:  # a bug or a device failure on a valid message: answer, keep serving
+            logger.exception("failed on a forward from %s", peer)
+            return reply_message(
+                Failure(
+                    ErrorCode.INTERNAL, f"peer {self.peer_id} failed: {type(e).__name__}: {e}", self.peer_id
+                )
+            )
+
+    async def _forward(self, message: Forward, peer: str) -> Forwarded:
+        """Run the layers over the whole prefix in a throw-away session (a verifying client's
+        check, `helix_p2p.protocol.forward`): same batcher, same per-peer step quota as steps."""
+        shard = self._shard_for(message.layers)
+        why = self.quota.refuse_step(peer)
+        if why:
+            raise BusyError(f"peer {self.peer_id} is busy: {why}")
+        self.quota.add_step(peer)
+        sid = f"forward.{uuid.uuid4().hex}"
+        last = message.end == shard.num_model_layers
+        try:
+            try:
+                await asyncio.to_thread(shard.open_session, sid, message.num_tokens, None, message.layers)
+            except KVCapacityError:
+                raise self._busy_kv(shard, sid, message.num_tokens) from None
+            except ShardError as e:
+                raise self._translate(e, message.layers) from None
+            try:
+                request = StepRequest(
+                    sid,
+                    token_ids=message.token_ids,
+                    hidden_states=message.hidden_states,
+                    position=0,
+                    layers=message.layers,
+                    return_logits=last,
+                )
+                result = await self._batcher(shard).submit(request)
+            except ShardError as e:
+                raise self._translate(e, message.layers) from None
+            finally:
+                try:
+                    await asyncio.to_thread(shard.close_session, sid)
+                except UnknownSessionError:
+                    pass  # expired first: nothing left to free
+        finally:
+            self.quota.remove_step(peer)
+        output = result.logits[-1] if last else result.hidden_states
+        assert output is not None
+        logger.info("forward for %s: layers [%d, %d), %d tokens", peer, *message.layers, message.num_tokens)
+        return Forwarded(message.start, message.end, self._perturb(output), last)
+
+    def _perturb(self, x: Tensor) -> Tensor:
+        """Noise on this node's outputs, only under the hidden test flag `--test-perturb-outputs`."""
+        if not self.perturb_scale:
+            return x
+        noise = randn(x.shape, generator=self._perturb_rng)
+        scale = self.perturb_scale * float(x.float().std())
+        return (x.float() + scale * noise).to(x.dtype)
 
     # ------------------------------------------------------------------------------- open
 
@@ -426,10 +509,13 @@ class DataPlane:
         self.quota.add_step(peer)
         self.quota.add_bytes(peer, payload_bytes)
         try:
+            hidden_in = message.hidden_states
+            if hidden_in is not None and served.next_peer is None:
+                hidden_in = self._perturb(hidden_in)  # the last hop's lie (test flag): it samples here
             request = StepRequest(
                 sid,
                 token_ids=message.token_ids,
-                hidden_states=message.hidden_states,
+                hidden_states=hidden_in,
                 position=message.position,
                 layers=served.layers,
             )
@@ -449,7 +535,7 @@ class DataPlane:
                 sid,
                 result.position,
                 token_ids=message.token_ids if served.forward_ids else None,
-                hidden_states=result.hidden_states,
+                hidden_states=None if result.hidden_states is None else self._perturb(result.hidden_states),
             )
             return await call_peer(
                 self.p2p, served.next_peer, encode_request(forward), self.limits.hop_timeout_s
@@ -551,9 +637,26 @@ async def attach_data_plane(
     *,
     gate: Gate | None = None,
     metrics: NodeMetrics | None = None,
+    perturb_scale: float = 0.0,
 ) -> DataPlane:
     """Serve inference sessions on `p2p` for the shards `layers_provider()` returns (called on each
     open, so a node that switches layers serves the new ones at once)."""
-    plane = DataPlane(p2p, layers_provider, limits or DataPlaneLimits(), gate=gate, metrics=metrics)
+    plane = DataPlane(
+        p2p,
+        layers_provider,
+        limits or DataPlaneLimits(),
+        gate=gate,
+        metrics=metrics,
+        perturb_scale=perturb_scale,
+    )
     await plane.start()
     return plane
+
+
+def _forward_request(data: bytes) -> runtime_pb2.ExpertRequest | None:
+    """The request in a stream frame if it is a forward (those are answered apart), else None."""
+    try:
+        request = runtime_pb2.ExpertRequest.FromString(data)
+    except DecodeError:
+        return None  # decode_request answers it with a named error
+    return request if is_forward(request) else None

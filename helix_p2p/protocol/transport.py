@@ -55,13 +55,25 @@ async def read_frame(
 async def call_peer(p2p: P2P, peer_id: str, request: bytes, timeout_s: float) -> Reply:
     """Send an encoded request to `peer_id` and decode its reply (which may be a `Failure`).
     Raises `HopUnreachableError` when the peer does not answer in time or the call breaks."""
+    data = await exchange(p2p, peer_id, request, timeout_s)
+    try:
+        return decode_reply(data)
+    except MalformedMessageError as e:
+        raise MalformedMessageError(f"peer {peer_id} sent a bad reply: {e}", peer_id) from None
+
+
+async def exchange(
+    p2p: P2P, peer_id: str, request: bytes, timeout_s: float, *, max_reply_bytes: int = MAX_REPLY_BYTES
+) -> bytes:
+    """Send an encoded request and return the reply's bytes, undecoded. A reply that may pass the
+    unary cap (a forward's hidden states) is read over a stream, capped at `max_reply_bytes`."""
     try:
         peer = PeerID.from_base58(peer_id)
     except ValueError as e:
         raise MalformedMessageError(f"{peer_id!r} is not a peer id ({e})") from None
     try:
         async with asyncio.timeout(timeout_s):
-            if len(request) <= UNARY_MAX_BYTES:
+            if len(request) <= UNARY_MAX_BYTES and max_reply_bytes <= UNARY_MAX_BYTES:
                 response = await p2p.call_protobuf_handler(
                     peer,
                     UNARY_PROTOCOL,
@@ -73,14 +85,11 @@ async def call_peer(p2p: P2P, peer_id: str, request: bytes, timeout_s: float) ->
                 _, reader, writer = await p2p.call_binary_stream_handler(peer, STREAM_PROTOCOL)
                 with closing(writer):
                     await write_frame(writer, request)
-                    data = await read_frame(reader, MAX_REPLY_BYTES)
+                    data = await read_frame(reader, max_reply_bytes)
     except TimeoutError:
         raise HopUnreachableError(f"peer {peer_id} did not answer within {timeout_s:g} s", peer_id) from None
     except (P2PDaemonError, P2PHandlerError, ConnectionError, asyncio.IncompleteReadError, OSError) as e:
         raise HopUnreachableError(f"call to peer {peer_id} failed: {str(e)[:300]}", peer_id) from None
     except MalformedMessageError as e:
         raise MalformedMessageError(f"peer {peer_id} sent a bad reply: {e}", peer_id) from None
-    try:
-        return decode_reply(data)
-    except MalformedMessageError as e:
-        raise MalformedMessageError(f"peer {peer_id} sent a bad reply: {e}", peer_id) from None
+    return data

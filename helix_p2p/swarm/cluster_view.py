@@ -10,7 +10,7 @@ the probes ran over the same libp2p path that activations will take."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from helix_p2p.cluster import Cluster, CoordinatorLink, Link, ModelShape, NodeId, NodeSpec
 from helix_p2p.swarm.records import ModelInfo, NodeRecord, NodeState, Reachability
@@ -23,12 +23,15 @@ RELAYED_LINK_FACTOR = 0.25
 UNMEASURED_LATENCY_S = 0.05
 
 
-def planning_members(records: Mapping[str, NodeRecord], now: float, model_id: str) -> dict[str, NodeRecord]:
-    """The nodes a planner plans over: live, serving `model_id`, sharing its shape."""
+def planning_members(
+    records: Mapping[str, NodeRecord], now: float, model_id: str, banned: Collection[str] = ()
+) -> dict[str, NodeRecord]:
+    """The nodes a planner plans over: live, serving `model_id`, sharing its shape, and not
+    banned for lying (`helix_p2p.swarm.reports.banned_peers`)."""
     pool = {
         peer: r
         for peer, r in records.items()
-        if r.is_live(now) and r.model.id == model_id and r.state != NodeState.LEAVING
+        if r.is_live(now) and r.model.id == model_id and r.state != NodeState.LEAVING and peer not in banned
     }
     if not pool:
         return {}

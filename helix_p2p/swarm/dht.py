@@ -24,7 +24,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from helix_p2p.errors import HelixError
 from helix_p2p.swarm.identity import Identity, IdentityError, peer_id_of, public_key_of_owner_subkey
-from helix_p2p.swarm.keys import plan_key, registry_key, registry_keys
+from helix_p2p.swarm.keys import plan_key, registry_key, registry_keys, reports_key
 from helix_p2p.swarm.records import (
     MAX_TTL_S,
     NodeRecord,
@@ -34,6 +34,7 @@ from helix_p2p.swarm.records import (
     node_record_to_wire,
     signed_plan_to_wire,
 )
+from helix_p2p.swarm.reports import ReportRecord, report_from_wire, report_to_wire
 from helix_p2p.swarm.signing import verify_plan
 from helix_p2p.swarm.validator import swarm_validators
 
@@ -203,6 +204,17 @@ class SwarmDHT:
             subkey=self.identity.owner_subkey,
         )
 
+    async def publish_report(self, report: ReportRecord, ttl_s: float = MAX_TTL_S) -> bool:
+        """Store this peer's report of lying peers (`helix_p2p.swarm.reports`) under its owner subkey."""
+        if report.reporter != self.peer_id:
+            raise RecordError(f"peer {self.peer_id} cannot publish a report by {report.reporter}")
+        return await self.node.store(
+            reports_key(self.prefix),
+            report_to_wire(report),
+            expiration_time=get_dht_time() + min(ttl_s, MAX_TTL_S),
+            subkey=self.identity.owner_subkey,
+        )
+
     # ---------------------------------------------------------------------------------- reading
 
     async def read(self) -> tuple[dict[str, NodeRecord], list[SignedPlan]]:
@@ -229,6 +241,22 @@ class SwarmDHT:
             except RecordError as e:
                 logger.debug("ignoring a plan entry: %s", e)
         return records, plans
+
+    async def read_reports(self) -> list[ReportRecord]:
+        """Every reporter's current report; an entry that fails the schema or sits under another
+        peer's key is ignored (with a debug log line)."""
+        found = await self.node.get(reports_key(self.prefix), latest=True)
+        reports = []
+        for public_key, value in _entries(found):
+            try:
+                report = report_from_wire(value)
+                if report.reporter != peer_id_of(public_key):
+                    raise RecordError(f"report by {report.reporter} under another peer's key")
+            except (RecordError, IdentityError) as e:
+                logger.debug("ignoring a report entry: %s", e)
+                continue
+            reports.append(report)
+        return reports
 
     async def read_registry(self) -> dict[str, NodeRecord]:
         return (await self.read())[0]

@@ -5,7 +5,9 @@
   1,000 subkeys of ~3 KiB each would pass hivemind's 4 MiB message cap. A peer's shard is fixed
   by its id, and readers fetch all shards in one batched lookup.
 - `<prefix>/plan`: plans, one subkey per planner (its owner key); nodes follow the newest one from
-  the elected planner."""
+  the elected planner.
+- `<prefix>/reports`: reports of peers caught lying, one subkey per reporter (its owner key);
+  weighed by `helix_p2p.swarm.reports.banned_peers`."""
 
 from __future__ import annotations
 
@@ -47,3 +49,7 @@ def registry_keys(prefix: str) -> list[str]:
 
 def plan_key(prefix: str) -> str:
     return f"{check_prefix(prefix)}/plan"
+
+
+def reports_key(prefix: str) -> str:
+    return f"{check_prefix(prefix)}/reports"

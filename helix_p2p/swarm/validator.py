@@ -9,6 +9,7 @@ the holder of that key (the value must carry a signature by it). On top of that,
 - a node record's `peer_id` is the peer id of the subkey's key (a peer cannot speak for another),
   and it sits in the registry shard of that peer id;
 - a plan's signature verifies, and its signer is the subkey's owner and the plan's planner;
+- a report's reporter is the subkey's owner (`helix_p2p.swarm.reports`);
 - the expiration is at most MAX_TTL_S away (no squatting).
 Keys outside the swarm's prefix pass through untouched."""
 
@@ -26,7 +27,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.timed_storage import MAX_DHT_TIME_DISCREPANCY_SECONDS, get_dht_time
 
 from helix_p2p.swarm.identity import Identity, IdentityError, peer_id_of, public_key_of_owner_subkey
-from helix_p2p.swarm.keys import plan_key, registry_keys, registry_shard
+from helix_p2p.swarm.keys import plan_key, registry_keys, registry_shard, reports_key
 from helix_p2p.swarm.records import (
     MAX_NODE_RECORD_BYTES,
     MAX_PLAN_RECORD_BYTES,
@@ -34,11 +35,13 @@ from helix_p2p.swarm.records import (
     RecordError,
     node_record_from_wire,
 )
+from helix_p2p.swarm.reports import MAX_REPORT_RECORD_BYTES, report_from_wire
 from helix_p2p.swarm.signing import verify_plan
 
 logger = logging.getLogger(__name__)
 
 _PLAN = -1
+_REPORTS = -2
 
 
 def key_id(raw_key: str) -> bytes:
@@ -52,6 +55,7 @@ class SwarmRecordValidator(RecordValidatorBase):
         self._refusals = _RefusalLog()
         self._kinds: dict[bytes, int] = {key_id(k): shard for shard, k in enumerate(registry_keys(prefix))}
         self._kinds[key_id(plan_key(prefix))] = _PLAN
+        self._kinds[key_id(reports_key(prefix))] = _REPORTS
 
     def validate(self, record: DHTRecord) -> bool:
         kind = self._kinds.get(record.key)
@@ -72,12 +76,20 @@ class SwarmRecordValidator(RecordValidatorBase):
             raise RecordError("swarm records must be stored under an [owner:...] subkey")
         if record.expiration_time > get_dht_time() + MAX_TTL_S + MAX_DHT_TIME_DISCREPANCY_SECONDS:
             raise RecordError(f"expiration more than {MAX_TTL_S} s away")
-        limit = MAX_PLAN_RECORD_BYTES + 16 * 1024 if kind == _PLAN else MAX_NODE_RECORD_BYTES
+        limits = {_PLAN: MAX_PLAN_RECORD_BYTES + 16 * 1024, _REPORTS: MAX_REPORT_RECORD_BYTES}
+        limit = limits.get(kind, MAX_NODE_RECORD_BYTES)
         if len(record.value) > limit:
             raise RecordError(f"value of {len(record.value)} bytes is over the {limit} byte cap")
         value = _unpack(record.value, "value")
         if kind == _PLAN:
             verify_plan(value, owner_public_key=public_key)
+            return
+        if kind == _REPORTS:
+            report = report_from_wire(value)
+            if report.reporter != peer_id_of(public_key):
+                raise RecordError(
+                    f"report by {report.reporter} stored under the key of {peer_id_of(public_key)}"
+                )
             return
         node = node_record_from_wire(value)
         owner = peer_id_of(public_key)
