@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,8 +44,17 @@ from helix_p2p.protocol.messages import RouteHop
 from helix_p2p.shard.sampling import SamplingError, SamplingParams
 from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
 from helix_p2p.swarm.identity import ephemeral_identity
+from helix_p2p.swarm.reports import (
+    DEFAULT_MIN_REPORTERS,
+    Accusation,
+    BanRule,
+    ReportRecord,
+    banned_peers,
+    with_accusation,
+)
 
 from .errors import BadRequestError, ClientError, GenerationFailedError, NoRouteError
+from .verify import VerificationError, Verifier, holders_of
 from .view import RoutePicker, Snapshot, follow_plan, view_time
 
 logger = logging.getLogger(__name__)
@@ -75,6 +85,12 @@ class ClientOptions:
     connect_timeout_s: float = 30.0
     host: str = "127.0.0.1"
     seed: int = 0
+    #: share of steps recomputed on another holder of the same layers and compared (`verify.py`)
+    verify_rate: float = 0.0
+    #: relative tolerance of that comparison; None: by the dtype peers answer in
+    verify_tolerance: float | None = None
+    #: peers reported lying by this many distinct reporters are not routed to
+    ban_min_reporters: int = DEFAULT_MIN_REPORTERS
 
 
 @dataclass(frozen=True)
@@ -125,14 +141,23 @@ class HelixClient:
         *,
         model_id: str | None = None,
         options: ClientOptions | None = None,
+        verify_rate: float | None = None,
     ) -> None:
         self.options = options or ClientOptions()
+        if verify_rate is not None:
+            self.options = replace(self.options, verify_rate=verify_rate)
+        _check_verify_options(self.options)
         self.model = model
         self.model_id = model_id or _default_model_id(model)
         self.swarm = swarm
         self.tokenizer, self.max_length = _load_tokenizer(model)
         self._avoid_until: dict[str, float] = {}
         self._failures_by_peer: dict[str, int] = {}
+        #: peers this client caught lying: never routed to again by it, and reported
+        self.liars: set[str] = set()
+        self._report: ReportRecord | None = None
+        self._verify_rng = random.Random(self.options.seed)
+        self.verifier: Verifier | None = None
         self._picker = RoutePicker(self.model_id, seed=self.options.seed)
         self._snapshot = Snapshot({}, None, 0.0)
         self._loop = asyncio.new_event_loop()
@@ -151,6 +176,8 @@ class HelixClient:
                 SwarmDHT.start(self._identity, swarm, list(initial_peers), net),
                 self.options.connect_timeout_s + 15,
             )
+            if self.options.verify_rate > 0:
+                self.verifier = self._make_verifier(model)
             self._call(self._first_refresh(), self.options.connect_timeout_s + 15)
             self._refresher = self._call(self._start_refresher(), 10)
         except BaseException:
@@ -195,8 +222,34 @@ class HelixClient:
         at = view_time(Snapshot(records, None, 0.0), time.time())
         records = {p: r for p, r in records.items() if not r.is_stale(at)}
         plan = follow_plan(records, [p.record for p in plans], self._snapshot.plan, self.model_id)
-        self._snapshot = Snapshot(records, plan, time.time())
+        self._snapshot = Snapshot(records, plan, time.time(), await self._read_banned(records))
         return self._snapshot
+
+    async def _read_banned(self, records: dict[str, Any]) -> frozenset[str]:
+        """Peers banned for lying by enough distinct reporters; the last answer if the read fails."""
+        try:
+            reports = await asyncio.wait_for(
+                self.dht.read_reports(), timeout=max(5.0, 2 * self.options.refresh_s)
+            )
+        except (asyncio.TimeoutError, HelixError) as e:
+            logger.info("reading the lying-peer reports failed: %s", e)
+            return self._snapshot.banned
+        rule = BanRule(min_reporters=self.options.ban_min_reporters)
+        return banned_peers(reports, time.time(), self.model_id, rule, members=records)
+
+    def _make_verifier(self, model: str) -> Verifier:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        return Verifier(
+            self.dht.p2p,
+            self.model_id,
+            int(config.hidden_size),
+            int(config.vocab_size),
+            timeout_s=self.options.step_timeout_s,
+            tolerance=self.options.verify_tolerance,
+            rng=random.Random(self.options.seed),
+        )
 
     def snapshot(self) -> Snapshot:
         return self._snapshot
@@ -325,6 +378,8 @@ class HelixClient:
                     else:
                         call_started = time.monotonic()
                         result = await session.step([generated[-1]])
+                    if self.verifier is not None and self._verify_rng.random() < self.options.verify_rate:
+                        await self._verify(route, prompt_ids + generated, result.token_id, sampling)
                 except RETRYABLE as e:
                     failures.append(str(e))
                     for peer in self._suspects(e, route, time.monotonic() - call_started):
@@ -386,6 +441,7 @@ class HelixClient:
         while True:
             now = time.monotonic()
             avoid = {p for p, until in self._avoid_until.items() if until > now}
+            avoid |= self.liars | self._snapshot.banned
             if failures and not refreshed:
                 await self._refresh_quietly()
                 refreshed = True
@@ -413,6 +469,8 @@ class HelixClient:
         """The peers to avoid after `error`. A hop that answers names the peer that failed; but when
         the first hop itself went silent until our timeout, any hop may be the one stalling (the
         first waits for the rest), so every hop of the route is suspect."""
+        if isinstance(error, VerificationError):
+            return list(error.suspects)
         head = route[0].peer_id
         stalled = isinstance(error, HopUnreachableError) and error.peer_id in (None, head)
         if stalled and elapsed_s >= 0.9 * self.options.step_timeout_s:
@@ -423,6 +481,55 @@ class HelixClient:
         count = self._failures_by_peer.get(peer_id, 0) + 1
         self._failures_by_peer[peer_id] = count
         self._avoid_until[peer_id] = time.monotonic() + self.options.avoid_s * min(8, 2 ** (count - 1))
+
+    async def _verify(
+        self, route: Sequence[RouteHop], token_ids: list[int], token_id: int, sampling: SamplingParams
+    ) -> None:
+        """Check the step just run (`verify.py`); raises VerificationError (a failover, the token
+        dropped) when a peer of the route was caught or the route's token is not the verified one."""
+        assert self.verifier is not None
+        snapshot = self._snapshot
+        live = snapshot.live(view_time(snapshot, time.time()))
+        distrusted = self.liars | snapshot.banned | self.avoided()
+
+        def holders(layers: tuple[int, int], exclude: set[str]) -> list[str]:
+            return holders_of(live, layers, self.model_id, exclude | distrusted)
+
+        verdict = await self.verifier.check(route, token_ids, token_id, sampling, holders)
+        for line in verdict.details:
+            logger.warning("verification: %s", line)
+        for peer in verdict.liars:
+            self._mark_liar(peer, "; ".join(verdict.details))
+        for peer in verdict.suspects:
+            self._blame(peer)
+        on_route = [h.peer_id for h in route]
+        caught = sorted((verdict.liars | verdict.suspects) & set(on_route))
+        if caught:
+            raise VerificationError(f"verification caught {', '.join(caught)} on the route", caught)
+        if verdict.route_mismatch:
+            raise VerificationError(
+                f"the route's token {token_id} is not the verified computation's: {verdict.details[-1]}",
+                on_route,
+            )
+
+    def _mark_liar(self, peer: str, reason: str) -> None:
+        """Never route to `peer` again, and report it to the swarm (signed by this client's key)."""
+        if peer in self.liars:
+            return
+        self.liars.add(peer)
+        accusation = Accusation(peer, time.time(), reason[:200])
+        self._report = with_accusation(self._report, self.dht.peer_id, self.model_id, accusation)
+        logger.warning("peer %s caught lying; reporting it to the swarm", peer)
+        report = self._report
+
+        async def publish() -> None:
+            try:
+                if not await self.dht.publish_report(report):
+                    logger.warning("no DHT peer accepted the report of %s", peer)
+            except HelixError as e:
+                logger.warning("publishing the report of %s failed: %s", peer, e)
+
+        asyncio.ensure_future(publish())
 
     def avoided(self) -> set[str]:
         now = time.monotonic()
@@ -520,6 +627,15 @@ class HelixClient:
         return asyncio.run_coroutine_threadsafe(
             self._generate(ids, max_new_tokens, sampling, stop, on_token), self._loop
         )
+
+
+def _check_verify_options(options: ClientOptions) -> None:
+    if not 0 <= options.verify_rate <= 1:
+        raise ClientError(f"verify_rate must be in [0, 1], got {options.verify_rate}")
+    if options.verify_tolerance is not None and not 0 < options.verify_tolerance < 1:
+        raise ClientError(f"verify_tolerance must be in (0, 1), got {options.verify_tolerance}")
+    if options.ban_min_reporters < 1:
+        raise ClientError(f"ban_min_reporters must be >= 1, got {options.ban_min_reporters}")
 
 
 def _sampling_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
