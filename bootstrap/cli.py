@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from helix_p2p.cli.swarm_key_arg import add_swarm_key_argument
 from helix_p2p.errors import HelixError
 from helix_p2p.logs import configure_logging
 from helix_p2p.swarm.keys import DEFAULT_PREFIX, check_prefix
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dashboard-host", default="127.0.0.1", help="address of the status page (default 127.0.0.1)"
     )
+    add_swarm_key_argument(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
@@ -90,23 +92,34 @@ def predicted_maddrs(host: str, port: int, peer_id: str) -> list[str]:
     return [f"/ip4/{address}/tcp/{port}/p2p/{peer_id}" for address in local_ipv4s(host)]
 
 
-def join_line(maddrs: Sequence[str], swarm: str) -> str:
+def join_line(maddrs: Sequence[str], swarm: str, swarm_key: str | None = None) -> str:
     words = ["helix-node", "join", "--initial-peers", *maddrs, "--model", "PATH_OR_ID"]
     if swarm != DEFAULT_PREFIX:
         words += ["--swarm", swarm]
+    if swarm_key is not None:
+        words += ["--swarm-key", swarm_key]
     return " ".join(shlex.quote(w) if w != "PATH_OR_ID" else w for w in words)
 
 
 async def serve(
-    host: str, port: int, identity_path: Path, swarm: str, dashboard: tuple[str, int] | None = None
+    host: str,
+    port: int,
+    identity_path: Path,
+    swarm: str,
+    dashboard: tuple[str, int] | None = None,
+    swarm_key_path: str | None = None,
 ) -> int:
     from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
     from helix_p2p.swarm.identity import load_identity
     from helix_p2p.swarm.probe import ProbeServer
     from helix_p2p.swarm.reachability import ReachServer
+    from helix_p2p.swarm.swarm_key import load_swarm_key
 
+    swarm_key = None if swarm_key_path is None else load_swarm_key(swarm_key_path)
     identity = load_identity(identity_path)
-    options = NetworkOptions(host=host, port=port, force_reachability="public", use_auto_relay=False)
+    options = NetworkOptions(
+        host=host, port=port, force_reachability="public", use_auto_relay=False, swarm_key=swarm_key
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -126,9 +139,15 @@ async def serve(
             print(maddr)
         print()
         print("Volunteers join with:")
-        print(join_line(maddrs, swarm))
+        print(join_line(maddrs, swarm, swarm_key_path))
         sys.stdout.flush()
-        logger.info("bootstrap of swarm %r up as %s (identity %s)", swarm, identity.peer_id, identity.path)
+        logger.info(
+            "bootstrap of %s swarm %r up as %s (identity %s)",
+            "open" if swarm_key is None else f"private (key id {swarm_key.key_id})",
+            swarm,
+            identity.peer_id,
+            identity.path,
+        )
         await stop.wait()
         logger.info("stopping")
         return 0
@@ -166,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not 0 < args.dashboard_port <= 65535:
                 raise HelixError(f"--dashboard-port must be in 1..65535, got {args.dashboard_port}")
             dashboard = (args.dashboard_host, args.dashboard_port)
-        return asyncio.run(serve(args.host, args.port, identity_path, args.swarm, dashboard))
+        return asyncio.run(
+            serve(args.host, args.port, identity_path, args.swarm, dashboard, swarm_key_path=args.swarm_key)
+        )
     except HelixError as e:
         print(f"helix-bootstrap: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,6 +8,7 @@ import json
 import sys
 
 from helix_p2p.cli.peers_arg import add_initial_peers
+from helix_p2p.cli.swarm_key_arg import add_swarm_key_argument
 
 DEFAULT_SWARM = "helix"
 
@@ -20,6 +21,7 @@ def _add_swarm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--swarm", default=DEFAULT_SWARM, metavar="PREFIX", help=f"swarm name (default {DEFAULT_SWARM})"
     )
+    add_swarm_key_argument(p)
 
 
 def _add_failover_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,7 +103,12 @@ def run_serve(args: argparse.Namespace) -> int:
         host="127.0.0.1" if args.host in ("127.0.0.1", "localhost") else "0.0.0.0",
     )
     with HelixClient(
-        args.initial_peers, model=args.model, swarm=args.swarm, model_id=args.model_id, options=options
+        args.initial_peers,
+        model=args.model,
+        swarm=args.swarm,
+        model_id=args.model_id,
+        options=options,
+        swarm_key=args.swarm_key,
     ) as client:
         print(f"serving {client.model_id} at http://{args.host}:{args.port}/v1", flush=True)
         print(f"status page at http://{args.host}:{args.port}/ (metrics at /metrics)", flush=True)
@@ -121,7 +128,12 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
     )
     with HelixClient(
-        args.initial_peers, model=args.model, swarm=args.swarm, model_id=args.model_id, options=options
+        args.initial_peers,
+        model=args.model,
+        swarm=args.swarm,
+        model_id=args.model_id,
+        options=options,
+        swarm_key=args.swarm_key,
     ) as client:
         params = {
             "max_new_tokens": args.max_new_tokens,

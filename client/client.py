@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import random
 import threading
 import time
@@ -52,6 +53,7 @@ from helix_p2p.swarm.reports import (
     banned_peers,
     with_accusation,
 )
+from helix_p2p.swarm.swarm_key import SwarmKey, load_swarm_key
 
 from .errors import BadRequestError, ClientError, GenerationFailedError, NoRouteError
 from .verify import VerificationError, Verifier, holders_of
@@ -142,7 +144,11 @@ class HelixClient:
         model_id: str | None = None,
         options: ClientOptions | None = None,
         verify_rate: float | None = None,
+        swarm_key: SwarmKey | str | os.PathLike[str] | None = None,
     ) -> None:
+        """`swarm_key`: a private swarm's key (a `SwarmKey` or the path of its file)."""
+        if swarm_key is not None and not isinstance(swarm_key, SwarmKey):
+            swarm_key = load_swarm_key(swarm_key)
         self.options = options or ClientOptions()
         if verify_rate is not None:
             self.options = replace(self.options, verify_rate=verify_rate)
@@ -171,6 +177,7 @@ class HelixClient:
                 client_mode=True,
                 connect_timeout_s=self.options.connect_timeout_s,
                 check_identity_free=False,
+                swarm_key=swarm_key,
             )
             self.dht: SwarmDHT = self._call(
                 SwarmDHT.start(self._identity, swarm, list(initial_peers), net),

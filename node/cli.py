@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from helix_p2p.cli.peers_arg import add_initial_peers
+from helix_p2p.cli.swarm_key_arg import add_swarm_key_argument
 from helix_p2p.errors import HelixError
 from helix_p2p.logs import configure_logging
 from helix_p2p.swarm.keys import DEFAULT_PREFIX
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help=f"swarm name: the DHT key prefix (default {DEFAULT_PREFIX})",
     )
+    add_swarm_key_argument(join)
     j("--public-name", default="", metavar="NAME", help="a name shown in `helix status`")
     j("--client-mode", action="store_true", help="DHT client only: store nothing for others (behind NAT)")
     j("--no-relay", action="store_true", help="do not use libp2p circuit relays")
@@ -199,6 +201,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         announce_addrs=tuple(args.announce_addr),
         identity=args.identity,
         swarm=args.swarm,
+        swarm_key=None if args.swarm_key is None else Path(args.swarm_key),
         public_name=args.public_name,
         client_mode=args.client_mode,
         use_relay=not args.no_relay,

@@ -10,10 +10,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from helix_p2p.errors import HelixError
 from helix_p2p.planner import METHODS
 from helix_p2p.swarm.keys import DEFAULT_PREFIX, check_prefix
+
+if TYPE_CHECKING:
+    from helix_p2p.swarm.swarm_key import SwarmKey
 from helix_p2p.swarm.reports import DEFAULT_MIN_REPORTERS
 
 #: KV positions per held layer that sizing by memory keeps free (so a full node can still serve)
@@ -72,6 +76,8 @@ class NodeConfig:
     announce_addrs: tuple[str, ...] = ()
     identity: Path | None = None
     swarm: str = DEFAULT_PREFIX
+    #: a private swarm's key file (`--swarm-key`); None: an open swarm
+    swarm_key: Path | None = None
     public_name: str = ""
     client_mode: bool = False
     use_relay: bool = True
@@ -109,6 +115,16 @@ class NodeConfig:
         """How often the node reads the registry and plans."""
         return self.refresh_period_s / 2
 
+    def load_swarm_key(self) -> SwarmKey | None:
+        from helix_p2p.swarm.swarm_key import SwarmKeyError, load_swarm_key
+
+        if self.swarm_key is None:
+            return None
+        try:
+            return load_swarm_key(self.swarm_key)
+        except SwarmKeyError as e:
+            raise NodeConfigError(f"--swarm-key: {e}") from None
+
     def check(self) -> NodeConfig:
         if not self.initial_peers:
             raise NodeConfigError("--initial-peers: give at least one multiaddr of a swarm peer")
@@ -127,6 +143,8 @@ class NodeConfig:
             check_prefix(self.swarm)
         except HelixError as e:
             raise NodeConfigError(f"--swarm: {e}") from None
+        if self.swarm_key is not None:
+            self.load_swarm_key()
         positive = {
             "--ttl-s": self.ttl_s,
             "--probe-period-s": self.probe_period_s,

@@ -54,7 +54,12 @@ async def check_network(args: argparse.Namespace, say: Callable[[str], None]) ->
     started = time.monotonic()
     try:
         async with swarm_client(
-            args.initial_peers, args.swarm, args.connect_timeout_s, host=args.host, port=args.port
+            args.initial_peers,
+            args.swarm,
+            args.connect_timeout_s,
+            host=args.host,
+            port=args.port,
+            swarm_key_path=args.swarm_key,
         ) as dht:
             say(
                 f"{OK} reached the swarm through {args.initial_peers[0]} in {time.monotonic() - started:.1f} s"

@@ -130,6 +130,7 @@ class Node:
             connect_timeout_s=c.connect_timeout_s,
             rpc_timeout_s=c.rpc_timeout_s,
             check_identity_free=c.identity is not None,
+            swarm_key=c.load_swarm_key(),
         )
         self._install_signal_handlers()
         joining = asyncio.create_task(SwarmDHT.start(self.identity, c.swarm, c.initial_peers, options))

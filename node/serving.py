@@ -62,6 +62,7 @@ from helix_p2p.protocol.messages import (
     Request,
     Step,
 )
+from helix_p2p.protocol.sealing import open_expert_request, seal_expert_response
 from helix_p2p.protocol.transport import STREAM_PROTOCOL, UNARY_PROTOCOL, call_peer, read_frame, write_frame
 from helix_p2p.protocol.wire import (
     decode_request,
@@ -83,6 +84,7 @@ from helix_p2p.shard import (
     StepResult,
     UnknownSessionError,
 )
+from helix_p2p.swarm.swarm_key import TAG_BYTES, SwarmAuthError, open_request, seal_reply
 
 from .metrics import NodeMetrics
 
@@ -277,6 +279,20 @@ class DataPlane:
     async def _on_unary(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
+        """In a private swarm, a request must carry the swarm key's tag; one that does not is
+        answered in the clear with a refusal (the sender holds no key to read a sealed one)."""
+        peer = context.remote_id.to_base58()
+        try:
+            request = open_expert_request(self.p2p, UNARY_PROTOCOL, peer, request)
+        except SwarmAuthError as e:
+            logger.info("refused a request from %s: %s", peer, e)
+            return reply_message(Failure.of(MalformedMessageError(str(e)), self.peer_id))
+        response = await self._on_opened_unary(request, context)
+        return seal_expert_response(self.p2p, UNARY_PROTOCOL, peer, response)
+
+    async def _on_opened_unary(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
         if is_forward(request):
             return await self._serve_forward(
                 lambda: decode_forward(request, self.limits), context.remote_id.to_base58()
@@ -293,12 +309,15 @@ class DataPlane:
         with closing(writer), _InFlight(self.quota, peer, self.peer_id) as in_flight:
             try:
                 async with asyncio.timeout(self.limits.hop_timeout_s):
-                    data = await read_frame(reader, self.limits.max_request_bytes, admit=in_flight.admit)
+                    data = await read_frame(
+                        reader, self.limits.max_request_bytes + TAG_BYTES, admit=in_flight.admit
+                    )
+                data = open_request(self.p2p, STREAM_PROTOCOL, peer, data)
             except BusyError as e:  # past the peer's bytes in flight: refused before reading the body
                 logger.info("refused a stream from %s: %s", peer, e)
                 reply_bytes = encode_reply(Failure.of(e, self.peer_id))
-            except MalformedMessageError as e:
-                reply_bytes = encode_reply(Failure.of(e, self.peer_id))
+            except (MalformedMessageError, SwarmAuthError) as e:
+                reply_bytes = encode_reply(Failure.of(MalformedMessageError(str(e)), self.peer_id))
             except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
                 logger.info("a stream from %s ended before its request was read: %s", peer, type(e).__name__)
                 return
@@ -310,6 +329,7 @@ class DataPlane:
                 else:
                     reply = await self._serve(lambda: decode_request(data, self.limits), peer)
                     reply_bytes = encode_reply(reply)
+                reply_bytes = seal_reply(self.p2p, STREAM_PROTOCOL, peer, reply_bytes)
             try:
                 await write_frame(writer, reply_bytes)
             except ConnectionError:

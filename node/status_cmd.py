@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from helix_p2p.cli.peers_arg import add_initial_peers
+from helix_p2p.cli.swarm_key_arg import add_swarm_key_argument
 
 DEFAULT_PREFIX = "helix"
 
@@ -37,17 +38,20 @@ def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--connect-timeout-s", type=float, default=20.0, help="give up reaching the swarm after this long"
     )
+    add_swarm_key_argument(p)
 
 
 @asynccontextmanager
 async def swarm_client(
     initial_peers: list[str], prefix: str, connect_timeout_s: float, *, client_mode: bool = True, host: str = "127.0.0.1",
-    port: int = 0,
+    port: int = 0, swarm_key_path: str | None = None,
 ) -> AsyncIterator:  # fmt: skip
     """A DHT peer for one command, with a throw-away identity (its key file is removed after)."""
     from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
     from helix_p2p.swarm.identity import ephemeral_identity
+    from helix_p2p.swarm.swarm_key import load_swarm_key
 
+    swarm_key = None if swarm_key_path is None else load_swarm_key(swarm_key_path)
     identity = ephemeral_identity()
     try:
         options = NetworkOptions(
@@ -57,6 +61,7 @@ async def swarm_client(
             use_auto_relay=False,
             connect_timeout_s=connect_timeout_s,
             check_identity_free=False,
+            swarm_key=swarm_key,
         )
         dht = await SwarmDHT.start(identity, prefix, initial_peers, options)
         try:
@@ -72,7 +77,9 @@ async def swarm_client(
 async def read_status(args: argparse.Namespace) -> dict:
     from helix_p2p.swarm.status import swarm_status
 
-    async with swarm_client(args.initial_peers, args.swarm, args.connect_timeout_s) as dht:
+    async with swarm_client(
+        args.initial_peers, args.swarm, args.connect_timeout_s, swarm_key_path=args.swarm_key
+    ) as dht:
         records, plans = await dht.read()
     return swarm_status(records, [p.record for p in plans], time.time(), args.model_id)
 

@@ -242,10 +242,12 @@ class SwarmObserver:
     """A DHT peer in the test process (client mode), run by its own event loop in a thread."""
 
     def __init__(
-        self, initial_peers: Sequence[str], prefix: str = "helix", identity_path: Path | None = None
-    ) -> None:
+        self, initial_peers: Sequence[str], prefix: str = "helix", identity_path: Path | None = None,
+        swarm_key: Path | None = None,
+    ) -> None:  # fmt: skip
         from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
         from helix_p2p.swarm.identity import ephemeral_identity, load_identity
+        from helix_p2p.swarm.swarm_key import load_swarm_key
 
         self.identity = load_identity(identity_path) if identity_path else ephemeral_identity()
         self._own_identity_file = identity_path is None
@@ -253,8 +255,9 @@ class SwarmObserver:
         self._thread = threading.Thread(target=self._loop.run_forever, name="swarm-observer", daemon=True)
         self._thread.start()
         options = NetworkOptions(
-            host="127.0.0.1", client_mode=True, connect_timeout_s=20, check_identity_free=False
-        )
+            host="127.0.0.1", client_mode=True, connect_timeout_s=20, check_identity_free=False,
+            swarm_key=None if swarm_key is None else load_swarm_key(swarm_key),
+        )  # fmt: skip
         self.dht = self.run(SwarmDHT.start(self.identity, prefix, list(initial_peers), options), timeout_s=60)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30) -> T:

@@ -20,7 +20,9 @@ from hivemind.proto import runtime_pb2
 
 from helix_p2p.protocol.errors import HopUnreachableError, MalformedMessageError
 from helix_p2p.protocol.messages import Reply
+from helix_p2p.protocol.sealing import open_expert_response, seal_expert_request
 from helix_p2p.protocol.wire import MAX_REPLY_BYTES, decode_reply
+from helix_p2p.swarm.swarm_key import TAG_BYTES, SwarmAuthError, open_reply, seal_request
 
 UNARY_PROTOCOL = "/helix/data/1"
 STREAM_PROTOCOL = "/helix/data-stream/1"
@@ -77,19 +79,20 @@ async def exchange(
                 response = await p2p.call_protobuf_handler(
                     peer,
                     UNARY_PROTOCOL,
-                    runtime_pb2.ExpertRequest.FromString(request),
+                    seal_expert_request(p2p, UNARY_PROTOCOL, peer_id, request),
                     runtime_pb2.ExpertResponse,
                 )
-                data = response.SerializeToString()
+                data = open_expert_response(p2p, UNARY_PROTOCOL, peer_id, response.SerializeToString())
             else:
                 _, reader, writer = await p2p.call_binary_stream_handler(peer, STREAM_PROTOCOL)
                 with closing(writer):
-                    await write_frame(writer, request)
-                    data = await read_frame(reader, max_reply_bytes)
+                    await write_frame(writer, seal_request(p2p, STREAM_PROTOCOL, peer_id, request))
+                    sealed = await read_frame(reader, max_reply_bytes + TAG_BYTES)
+                    data = open_reply(p2p, STREAM_PROTOCOL, peer_id, sealed)
     except TimeoutError:
         raise HopUnreachableError(f"peer {peer_id} did not answer within {timeout_s:g} s", peer_id) from None
     except (P2PDaemonError, P2PHandlerError, ConnectionError, asyncio.IncompleteReadError, OSError) as e:
         raise HopUnreachableError(f"call to peer {peer_id} failed: {str(e)[:300]}", peer_id) from None
-    except MalformedMessageError as e:
+    except (MalformedMessageError, SwarmAuthError) as e:
         raise MalformedMessageError(f"peer {peer_id} sent a bad reply: {e}", peer_id) from None
     return data

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.wrappers_pb2 import BytesValue
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
-from hivemind.p2p import P2P
-from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.multiaddr.exceptions import Error as MultiaddrError
 from hivemind.utils.timed_storage import get_dht_time
@@ -35,7 +36,9 @@ from helix_p2p.swarm.records import (
     signed_plan_to_wire,
 )
 from helix_p2p.swarm.reports import ReportRecord, report_from_wire, report_to_wire
+from helix_p2p.swarm.sealed_records import SealedRecordValidator
 from helix_p2p.swarm.signing import verify_plan
+from helix_p2p.swarm.swarm_key import HELLO_PROTOCOL, SwarmKey, bind_swarm_key, hello_answer, hello_refusal
 from helix_p2p.swarm.validator import swarm_validators
 
 logger = logging.getLogger(__name__)
@@ -69,6 +72,8 @@ class NetworkOptions:
     rpc_timeout_s: float = 3.0
     #: ask the swarm whether an identity file is already in use by a live peer (slower start)
     check_identity_free: bool = True
+    #: a private swarm's shared key (`--swarm-key`): seals records, authenticates RPCs
+    swarm_key: SwarmKey | None = None
 
 
 def host_maddrs(host: str, port: int) -> list[str]:
@@ -108,7 +113,13 @@ class SwarmDHT:
     ) -> SwarmDHT:
         options = options or NetworkOptions()
         initial_peers = parse_initial_peers(initial_peers)
-        validator = CompositeValidator(swarm_validators(identity, prefix))
+        key = options.swarm_key
+        if key is not None:
+            prefix = key.dht_prefix(prefix)
+        validators = swarm_validators(identity, prefix)
+        if key is not None:
+            validators.append(SealedRecordValidator(key))
+        validator = CompositeValidator(validators)
         kwargs: dict[str, Any] = {
             "initial_peers": initial_peers or None,
             "identity_path": str(identity.path),
@@ -154,6 +165,13 @@ class SwarmDHT:
                     "bootstrap is running"
                 ) from None
             raise
+        bind_swarm_key(node.p2p, key)
+        await node.p2p.add_protobuf_handler(HELLO_PROTOCOL, _hello_handler(key), BytesValue)
+        if initial_peers:
+            refusal = await _hello_initial_peers(node.p2p, initial_peers, key, options.connect_timeout_s)
+            if refusal is not None:
+                await cls(identity=identity, prefix=prefix, node=node, options=options).shutdown()
+                raise SwarmConnectError(refusal)
         return cls(identity=identity, prefix=prefix, node=node, options=options)
 
     @property
@@ -260,6 +278,54 @@ class SwarmDHT:
 
     async def read_registry(self) -> dict[str, NodeRecord]:
         return (await self.read())[0]
+
+
+def _hello_handler(key: SwarmKey | None) -> Any:
+    async def hello(request: BytesValue, context: P2PContext) -> BytesValue:
+        return BytesValue(value=hello_answer(key))
+
+    return hello
+
+
+async def _hello_initial_peers(
+    p2p: P2P, initial_peers: Sequence[str], key: SwarmKey | None, timeout_s: float
+) -> str | None:
+    """Why this peer may not join through `initial_peers` (None: it may). libp2p lets anyone
+    connect (the daemon has no private-network key), so each side says whether its swarm is private
+    and under which key id; one matching initial peer is enough. A keyless peer that hears no
+    answer goes on (an older peer); a keyed one does not, since it cannot tell that the swarm is its own."""
+
+    async def ask(maddr: str) -> tuple[str, bytes | None]:
+        peer = Multiaddr(maddr)["p2p"]
+        try:
+            reply = await asyncio.wait_for(
+                p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer), HELLO_PROTOCOL, BytesValue(value=b"hello"), BytesValue
+                ),
+                min(timeout_s, 10.0),
+            )
+        except (P2PDaemonError, P2PHandlerError, asyncio.TimeoutError, ConnectionError, OSError) as e:
+            logger.info("initial peer %s did not answer the swarm hello: %s", peer, type(e).__name__)
+            return peer, None
+        return peer, reply.value
+
+    answers = await asyncio.gather(*(ask(m) for m in initial_peers))
+    refusals = []
+    for peer, answer in answers:
+        if answer is None:
+            continue
+        why = hello_refusal(answer, key, peer)
+        if why is None:
+            return None
+        refusals.append(why)
+    if refusals:
+        return refusals[0]
+    if key is None:
+        return None
+    return (
+        f"no initial peer ({', '.join(p for p, _ in answers)}) confirmed it runs the private swarm of "
+        f"--swarm-key {key.path} (id {key.key_id})"
+    )
 
 
 def _entries(found: Any) -> list[tuple[bytes, Any]]:

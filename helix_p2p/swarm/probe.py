@@ -19,6 +19,15 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 
 from helix_p2p.errors import HelixError
 from helix_p2p.swarm.records import LinkMeasurement
+from helix_p2p.swarm.swarm_key import (
+    TAG_BYTES,
+    SwarmAuthError,
+    open_reply,
+    open_request,
+    seal_reply,
+    seal_request,
+    swarm_key_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +71,31 @@ class ProbeServer:
         return True
 
     async def register(self, p2p: P2P) -> None:
+        self._p2p = p2p
         await p2p.add_protobuf_handler(PING_PROTOCOL, self._ping, BytesValue)
         await p2p.add_binary_stream_handler(BANDWIDTH_PROTOCOL, self._bandwidth)
 
     async def _ping(self, request: BytesValue, context: P2PContext) -> BytesValue:
-        return BytesValue(value=request.value[:64])
+        peer = context.remote_id.to_base58()
+        try:
+            payload = open_request(self._p2p, PING_PROTOCOL, peer, request.value[: 64 + TAG_BYTES])
+        except SwarmAuthError as e:
+            logger.debug("refused a ping: %s", e)
+            return BytesValue(value=b"")
+        return BytesValue(value=seal_reply(self._p2p, PING_PROTOCOL, peer, payload[:64]))
 
     async def _bandwidth(
         self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            header = await asyncio.wait_for(reader.readexactly(_HEADER), timeout=10)
+            peer = stream_info.peer_id.to_base58()
+            tag_bytes = 0 if swarm_key_of(self._p2p) is None else TAG_BYTES
+            sealed = await asyncio.wait_for(reader.readexactly(_HEADER + tag_bytes), timeout=10)
+            try:
+                header = open_request(self._p2p, BANDWIDTH_PROTOCOL, peer, sealed)
+            except SwarmAuthError as e:
+                logger.debug("refused a probe: %s", e)
+                return
             direction, size = header[:1], int.from_bytes(header[1:], "big")
             if direction not in (_UPLOAD, _DOWNLOAD) or not 0 < size <= self.max_probe_bytes:
                 logger.debug(
@@ -113,10 +136,11 @@ async def measure_rtt(p2p: P2P, peer: str, *, attempts: int = 3, timeout_s: floa
     peer_id = PeerID.from_base58(peer)
     for _ in range(attempts):
         started = time.perf_counter()
-        await asyncio.wait_for(
-            p2p.call_protobuf_handler(peer_id, PING_PROTOCOL, BytesValue(value=b"helix"), BytesValue),
-            timeout_s,
+        request = BytesValue(value=seal_request(p2p, PING_PROTOCOL, peer, b"helix"))
+        reply = await asyncio.wait_for(
+            p2p.call_protobuf_handler(peer_id, PING_PROTOCOL, request, BytesValue), timeout_s
         )
+        open_reply(p2p, PING_PROTOCOL, peer, reply.value)
         best = min(best, time.perf_counter() - started)
     return best
 
@@ -132,7 +156,8 @@ async def measure_transfer(
     )
     try:
         started = time.perf_counter()
-        writer.write((_UPLOAD if upload else _DOWNLOAD) + size.to_bytes(8, "big"))
+        header = (_UPLOAD if upload else _DOWNLOAD) + size.to_bytes(8, "big")
+        writer.write(seal_request(p2p, BANDWIDTH_PROTOCOL, peer, header))
         if upload:
             await asyncio.wait_for(_send_zeros(writer, size), timeout_s)
             await asyncio.wait_for(reader.readexactly(1), timeout_s)
@@ -166,7 +191,14 @@ async def measure_link(
         in_bytes_per_s = await measure_transfer(
             p2p, peer, probe_bytes, upload=False, rtt_s=rtt_s, timeout_s=timeout_s
         )
-    except (asyncio.TimeoutError, ConnectionError, OSError, P2PDaemonError, P2PHandlerError) as e:
+    except (
+        asyncio.TimeoutError,
+        ConnectionError,
+        OSError,
+        P2PDaemonError,
+        P2PHandlerError,
+        SwarmAuthError,
+    ) as e:
         raise ProbeError(f"probing {peer} failed: {type(e).__name__} {e}") from None
     return LinkMeasurement(
         peer=peer,

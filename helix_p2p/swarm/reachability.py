@@ -20,6 +20,8 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.multiaddr.exceptions import Error as MultiaddrError
 
+from helix_p2p.swarm.swarm_key import SwarmAuthError, open_reply, open_request, seal_reply, seal_request
+
 logger = logging.getLogger(__name__)
 
 REACH_PROTOCOL = "/helix/reach/1"
@@ -59,7 +61,18 @@ class ReachServer:
         self._last_check: dict[str, float] = {}
 
     async def register(self, p2p: P2P) -> None:
-        await p2p.add_protobuf_handler(REACH_PROTOCOL, self._check, BytesValue)
+        self._p2p = p2p
+        await p2p.add_protobuf_handler(REACH_PROTOCOL, self._sealed_check, BytesValue)
+
+    async def _sealed_check(self, request: BytesValue, context: P2PContext) -> BytesValue:
+        """The check, for holders of the swarm key only in a private swarm."""
+        asker = context.remote_id.to_base58()
+        try:
+            value = open_request(self._p2p, REACH_PROTOCOL, asker, request.value)
+        except SwarmAuthError as e:
+            return _reply(ReachResult(False, str(e), answered=False))
+        reply = await self._check(BytesValue(value=value), context)
+        return BytesValue(value=seal_reply(self._p2p, REACH_PROTOCOL, asker, reply.value))
 
     async def _check(self, request: BytesValue, context: P2PContext) -> BytesValue:
         try:
@@ -121,16 +134,16 @@ async def ask_dial_back(p2p: P2P, helper: str, my_addrs: list[str], timeout_s: f
             p2p.call_protobuf_handler(
                 PeerID.from_base58(helper),
                 REACH_PROTOCOL,
-                BytesValue(value=json.dumps(my_addrs).encode()),
+                BytesValue(value=seal_request(p2p, REACH_PROTOCOL, helper, json.dumps(my_addrs).encode())),
                 BytesValue,
             ),
             timeout_s,
         )
-        doc = json.loads(reply.value)
+        doc = json.loads(open_reply(p2p, REACH_PROTOCOL, helper, reply.value))
         return ReachResult(
             bool(doc["reachable"]), str(doc["detail"]), answered=bool(doc.get("answered", True))
         )
-    except (P2PDaemonError, P2PHandlerError, asyncio.TimeoutError, ValueError, KeyError) as e:
+    except (P2PDaemonError, P2PHandlerError, asyncio.TimeoutError, ValueError, KeyError, SwarmAuthError) as e:
         return ReachResult(
             False, f"{helper} did not answer the reachability check: {type(e).__name__} {e}", answered=False
         )
