@@ -170,3 +170,25 @@ def test_outputs_match_within_the_dtype_tolerance() -> None:
     assert not outputs_match(x, rounded.float(), tolerance_for(torch.float32))
     assert outputs_match(x.to(torch.bfloat16), (x * 1.001).to(torch.bfloat16))
     assert tolerance_for(torch.float32) < tolerance_for(torch.float16) < tolerance_for(torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------- the flags
+
+
+def test_the_perturb_flag_is_hidden_and_bad_settings_are_refused() -> None:
+    from helix_p2p.client import ClientError, HelixClient
+    from helix_p2p.node.cli import build_parser, config_from_args
+    from helix_p2p.node.config import NodeConfigError
+
+    parser = build_parser()
+    join = parser._subparsers._group_actions[0].choices["join"]  # the subcommand's own --help
+    assert "test-perturb" not in join.format_help() and "--ban-min-reporters" in join.format_help()
+    peer = "/ip4/127.0.0.1/tcp/1/p2p/QmesZynDcQNTNqKvuMeJ5GrPXKwamZ227YAJZ4UA1A1ypy"
+    base = ["join", "--initial-peers", peer, "--model", "m"]
+    config = config_from_args(parser.parse_args([*base, "--test-perturb-outputs", "0.5"]))
+    assert config.test_perturb_scale == 0.5 and config.planner.ban_min_reporters == 2
+    for bad in (["--ban-min-reporters", "0"], ["--test-perturb-outputs", "-1"]):
+        with pytest.raises(NodeConfigError, match=bad[0]):
+            config_from_args(parser.parse_args([*base, *bad]))
+    with pytest.raises(ClientError, match="verify_rate"):
+        HelixClient([peer], model="m", verify_rate=1.5)
