@@ -110,6 +110,37 @@ def test_kv_use_never_exceeds_the_budget_and_binds_offline() -> None:
     assert max(r.kv_peak_tokens / r.kv_budget_tokens for r in result.nodes) > 0.95
 
 
+def test_expected_kv_admission_fills_caches_token_by_token_up_to_the_high_water_mark() -> None:
+    # Helix's simulator admits on prompt + the mean output and lets the cache grow token by token.
+    # Every request here asks 400 + 600 tokens, the "mean output" is 600 x 0.5 = 300, so
+    # admission reserves 700 per request against 0.8 x 100,000 and the cache really holds
+    # 400 + generated so far.
+    cluster, plan = two_pipelines()
+    lengths = ((400, 600),)
+    common = {"mode": "offline", "duration_s": 60, "warmup_s": 10, "seed": 2, "lengths": lengths}
+    kv = small_kv(cluster, 100_000)
+    reserve = simulate(cluster, plan, SimConfig(**common), profiles=kv)
+    expected = simulate(
+        cluster,
+        plan,
+        SimConfig(**common, kv_admission="expected", kv_high_water=0.8, expected_output_ratio=0.5),
+        profiles=kv,
+    )
+    assert reserve.extra == {}
+    assert expected.extra["expected_output_tokens"] == 300
+    for report in expected.nodes:
+        assert report.kv_budget_tokens == 80_000  # the high-water mark
+        assert 0 < report.kv_peak_tokens <= 80_000
+        assert report.kv_peak_tokens % 700 == 0  # reservations are prompt + expected output
+    # more requests fit than with whole-context reservations (1,000 each) ...
+    assert expected.admitted > reserve.admitted
+    # ... and the real cache, which grows past the expectation, is tracked against the whole budget
+    peak = expected.extra["kv_actual_peak_fraction"]
+    assert 0.5 < peak
+    assert bool(expected.extra["kv_overflows"]) == (peak > 1.0)
+    assert accounted(expected) == expected.arrived
+
+
 def test_iwrr_carries_the_planned_split() -> None:
     # Unequal flows: b2 is an L4 (150 tokens/s), a1 feeds only b1, a2 feeds both.
     cluster, plan = two_pipelines(b2=L4, links=[("a1", "b1"), ("a2", "b1"), ("a2", "b2")])
@@ -193,6 +224,10 @@ def test_bad_settings_are_clear_errors() -> None:
         simulate(cluster, plan, SimConfig(mode="batch"))
     with pytest.raises(SimError, match="warm-up"):
         simulate(cluster, plan, SimConfig(duration_s=10, warmup_s=10))
+    with pytest.raises(SimError, match="unknown KV admission"):
+        simulate(cluster, plan, SimConfig(kv_admission="guess"))
+    with pytest.raises(SimError, match="kv_high_water"):
+        simulate(cluster, plan, SimConfig(kv_admission="expected", kv_high_water=1.5))
     with pytest.raises(SimError, match="unknown scheduler"):
         simulate(cluster, plan, SimConfig(scheduler="fastest"))
     with pytest.raises(ChurnError, match="not in cluster"):

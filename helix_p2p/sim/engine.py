@@ -73,6 +73,7 @@ from helix_p2p.sim.results import (
 from helix_p2p.sim.traces import LengthSampler, RequestSpec, load_lengths, online_arrivals
 
 MODES = ("offline", "online")
+KV_ADMISSIONS = ("reserve", "expected")
 
 
 class SimError(HelixError):
@@ -107,6 +108,14 @@ class SimConfig:
     lengths: tuple[tuple[int, int], ...] | None = None
     #: online mode: an explicit list of arrivals instead of the trace at `rate_tokens_per_s`
     arrivals: tuple[RequestSpec, ...] | None = None
+    #: how admission counts KV cache: "reserve" (every hop reserves the request's whole final
+    #: context, prompt + output, so a cache can never overflow) or "expected" (Helix's simulator:
+    #: reserve prompt + the workload's mean output x expected_output_ratio, up to kv_high_water of
+    #: each budget; the cache then fills token by token, and any overflow is counted in
+    #: SimResult.extra, not prevented). Helix ran offline with ratio 1.0, high water 0.85.
+    kv_admission: str = "reserve"
+    kv_high_water: float = 0.85
+    expected_output_ratio: float = 1.0
     #: called once per simulated second with the fraction of duration_s done (progress bars)
     progress: Callable[[float], None] | None = field(default=None, compare=False)
 
@@ -128,6 +137,7 @@ class _Request:
         "hops",
         "id",
         "in_prompt",
+        "kv_actual",
         "kv_tokens",
         "output_tokens",
         "prompt_tokens",
@@ -143,6 +153,8 @@ class _Request:
         self.generated = 0
         self.hops: tuple[Hop, ...] = ()
         self.kv_tokens = 0
+        #: tokens this request has in each hop's cache now ("expected" admission only)
+        self.kv_actual = 0
         #: bumped whenever the request loses its route; work items of older epochs are void
         self.epoch = 0
         self.step_start_s = arrival_s
@@ -176,6 +188,8 @@ class _Node:
         "decode_q",
         "gpu",
         "id",
+        "kv_actual",
+        "kv_actual_peak",
         "kv_area",
         "kv_budget_tokens",
         "kv_last_s",
@@ -201,6 +215,9 @@ class _Node:
         self.limits: BatchLimits | None = None
         self.kv_budget_tokens = 0
         self.kv_reserved = 0
+        #: tokens actually cached (prompt + generated so far), tracked in "expected" admission
+        self.kv_actual = 0
+        self.kv_actual_peak = 0
         self.kv_peak = 0
         self.kv_area = 0.0
         self.kv_last_s = 0.0
@@ -246,6 +263,14 @@ class Simulator:
         self.cluster = cluster
         self.config = config
         self._check_config()
+        self._expected_kv = config.kv_admission == "expected"
+        #: "expected" admission: the output tokens every request is assumed to generate
+        self._expected_output = 0
+        #: "expected" admission: node -> times its cache grew past its whole budget
+        self._kv_overflows: dict[str, int] = {}
+        if self._expected_kv:
+            outputs = [o for _, o in (config.lengths or load_lengths())]
+            self._expected_output = round(sum(outputs) / len(outputs) * config.expected_output_ratio)
         try:
             self.profiles = dict(profiles) if profiles is not None else profiles_for(cluster)
         except ProfileError as e:
@@ -323,6 +348,15 @@ class Simulator:
             raise SimError(
                 "the queue capacity must be >= 0 (>= 1 offline, where the next request waits in it)"
             )
+        if c.kv_admission not in KV_ADMISSIONS:
+            raise SimError(
+                f"unknown KV admission {c.kv_admission!r}; choose one of {', '.join(KV_ADMISSIONS)}"
+            )
+        if not 0 < c.kv_high_water <= 1 or not 0 <= c.expected_output_ratio < math.inf:
+            raise SimError(
+                f"kv_high_water must be in (0, 1] and expected_output_ratio >= 0, got {c.kv_high_water} "
+                f"and {c.expected_output_ratio}"
+            )
         if c.churn is not None:
             c.churn.check_against(self.cluster)
 
@@ -355,6 +389,8 @@ class Simulator:
         except ProfileError as e:
             raise SimError(f"node {node.id}: {e}") from e
         node.kv_budget_tokens = node.limits.kv_tokens
+        if self._expected_kv:
+            node.kv_budget_tokens = int(node.limits.kv_tokens * self.config.kv_high_water)
 
     def _install_plan(self, plan: Plan, initial: bool = False, reason: str = "initial") -> None:
         self.plan = plan
@@ -461,6 +497,9 @@ class Simulator:
 
     def _new_request(self, arrival_s: float, prompt_tokens: int, output_tokens: int) -> _Request:
         req = _Request(self._next_id, arrival_s, prompt_tokens, output_tokens)
+        if self._expected_kv:
+            # Admission sees the expected length, not the true one (which no server knows).
+            req.route_request = RouteRequest(prompt_tokens, self._expected_output)
         self._next_id += 1
         self.arrived += 1
         return req
@@ -522,6 +561,8 @@ class Simulator:
             self._kv_change(self.nodes[hop.peer], pipeline.kv_tokens)
         self.requests_in_flight[req.id] = req
         context = req.prompt_tokens + req.generated
+        if self._expected_kv:
+            self._kv_grow(req, context)
         work = _Work(req, context, True, context)
         req.step_start_s = self.now
         req.in_prompt = True
@@ -541,15 +582,28 @@ class Simulator:
             )
         node.kv_peak = max(node.kv_peak, node.kv_reserved)
 
+    def _kv_grow(self, req: _Request, tokens: int) -> None:
+        """ "expected" admission: the request now caches `tokens` more on every hop."""
+        req.kv_actual += tokens
+        for hop in req.hops:
+            node = self.nodes[hop.peer]
+            node.kv_actual += tokens
+            if node.kv_actual > node.kv_actual_peak:
+                node.kv_actual_peak = node.kv_actual
+                if node.limits is not None and node.kv_actual > node.limits.kv_tokens:
+                    self._kv_overflows[node.id] = self._kv_overflows.get(node.id, 0) + 1
+
     def _release(self, req: _Request) -> None:
         for hop in req.hops:
             node = self.nodes[hop.peer]
             if node.alive:
+                node.kv_actual -= req.kv_actual
                 self._kv_change(node, -req.kv_tokens)
         if req.in_prompt:
             req.in_prompt = False
             self._in_prompt -= 1
         req.hops = ()
+        req.kv_actual = 0
         del self.requests_in_flight[req.id]
 
     # ------------------------------------------------------------------ data path
@@ -619,11 +673,21 @@ class Simulator:
         batch: list[_Work] = []
         # A prompt longer than the token limit still runs, alone, rather than blocking the queue.
         prompt_tokens = self._take(
-            node, node.prompt_q, batch, limits.prompt_max_requests, limits.prompt_max_tokens, lambda w: w.tokens
+            node,
+            node.prompt_q,
+            batch,
+            limits.prompt_max_requests,
+            limits.prompt_max_tokens,
+            lambda w: w.tokens,
         )
         before = len(batch)
         self._take(
-            node, node.decode_q, batch, limits.decode_max_sequences, limits.decode_max_context_tokens, lambda w: w.context
+            node,
+            node.decode_q,
+            batch,
+            limits.decode_max_sequences,
+            limits.decode_max_context_tokens,
+            lambda w: w.context,
         )
         decode_seqs = len(batch) - before
         if not batch:
@@ -728,6 +792,8 @@ class Simulator:
                 if in_window:
                     self._decode_latencies.append(self.now - req.step_start_s)
             req.generated += 1
+            if self._expected_kv:
+                self._kv_grow(req, 1)
             if req.generated >= req.output_tokens:
                 self._release(req)
                 self.completed += 1
@@ -770,6 +836,7 @@ class Simulator:
             node.decode_q.clear()
             node.queued_tokens = 0
             self._kv_change(node, -node.kv_reserved)
+            node.kv_actual = 0
             self._set_layers(node, None)
             node.pending_layers = None
         for node_id in event.join:
@@ -915,7 +982,24 @@ class Simulator:
             timeline=tuple(self._timeline),
             plan_changes=tuple(self._plan_changes),
             events_processed=self._events,
+            extra=self._kv_extra(),
         )
+
+    def _kv_extra(self) -> dict[str, object]:
+        if not self._expected_kv:
+            return {}
+        peaks = {
+            node.id: node.kv_actual_peak / node.limits.kv_tokens
+            for node in self.nodes.values()
+            if node.limits is not None and node.limits.kv_tokens > 0
+        }
+        return {
+            "kv_admission": "expected",
+            "expected_output_tokens": self._expected_output,
+            #: the fullest any cache got, as a fraction of its whole budget (> 1: it overflowed)
+            "kv_actual_peak_fraction": max(peaks.values(), default=0.0),
+            "kv_overflows": dict(sorted(self._kv_overflows.items())),
+        }
 
 
 def simulate(
