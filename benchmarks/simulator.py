@@ -17,6 +17,11 @@ How the rows follow the paper (ae_readme / step3 scripts of the Helix artifact):
 - The paper's separate-pipelines baseline for 70B forced more layers per GPU than fit in memory
   (force_set in its scripts); our `sp` placement respects max_layers and pools the leftover GPUs into
   one mixed pipeline, so that row is a different baseline.
+- `helix-published` is Helix's own 70B placement (its ilp_solution.sol), simulated as the check
+  that our simulator reproduces Helix's: the paper reports 252.1 tokens/s and 91% of its max flow
+  for it. `milp-maxflow` is our MILP placement with the max flow's own edge flows, as before the
+  planner spread them over replicas (planner/spread.py); `(helix KV rule)` rows admit on Helix's
+  expected KV (SimConfig.kv_admission="expected") instead of whole-context reservations.
 Ratios are judged against the paper's within 15%."""
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from helix_p2p.cluster import Cluster
 from helix_p2p.data import CLUSTERS_DIR
 from helix_p2p.formats import read_cluster, read_plan, write_plan
 from helix_p2p.plan import Plan
-from helix_p2p.planner import PlanOptions, plan
+from helix_p2p.planner import PlanOptions, plan, plan_from_placement
+from helix_p2p.planner.spread import spread_plan
 from helix_p2p.sim import SimConfig, SimResult, simulate
 
 PLACEMENTS = ("milp", "swarm", "sp")
@@ -62,6 +68,27 @@ HELIX_ONLINE_RATE = {
     ("single24-llama30b-sub-l4", "separate_pipelines"): 150.0,
     ("single24-llama30b-sub-t4", "separate_pipelines"): 150.0,
 }
+
+
+#: Helix's own MILP placement of LLaMA-2-70B on the 24-GPU cluster, the one behind the paper's
+#: 252.1 tokens/s: ComputeNode-i -> (first layer, layers held), the start_i / hold_i_k values of
+#: artifact_evaluation/single_cluster/layout_llama70b/ilp/ilp_solution.sol (Thesys-lab/Helix-ASPLOS25,
+#: Apache-2.0; max flow 1289.56 by our exact scoring, as published). Our node `<gpu>-<i>` is its
+#: ComputeNode-i (data/helix/README.md). Simulating it is the check that our simulator reproduces
+#: Helix's: same placement, same workload, same measured window.
+HELIX_PUBLISHED_70B = {
+    0: (7, 4), 1: (34, 4), 2: (23, 2), 3: (53, 7), 4: (77, 3), 5: (53, 7), 6: (68, 9), 7: (26, 4),
+    8: (30, 4), 9: (37, 12), 10: (60, 8), 11: (42, 7), 12: (33, 4), 13: (38, 4), 14: (3, 4), 15: (0, 3),
+    16: (11, 3), 17: (14, 9), 18: (46, 7), 19: (42, 4), 20: (25, 1), 21: (53, 7), 22: (49, 4), 23: (26, 7),
+}  # fmt: skip
+
+
+def helix_published_plan(cluster: Cluster) -> Plan:
+    if cluster.name != "single24-llama70b":
+        raise SystemExit(f"Helix's published placement is for single24-llama70b, not {cluster.name}")
+    by_index = {int(node.id.rsplit("-", 1)[1]): node.id for node in cluster.nodes}
+    placement = {by_index[i]: (start, start + k) for i, (start, k) in HELIX_PUBLISHED_70B.items()}
+    return plan_from_placement(cluster, placement, method="helix-published", solve_seconds=0.0)
 
 
 @dataclass
@@ -95,27 +122,49 @@ class Bench:
         return self.clusters[name]
 
     def plan(self, name: str, method: str) -> Plan:
+        """`method` is a planner method (its flows spread over replicas, as `helix plan` writes
+        them), `<method>-maxflow` (the same placement with the max flow's own edge flows, as
+        before the spreading post-step) or `helix-published` (Helix's own 70B placement)."""
         key = (name, method)
-        if key not in self.plans:
-            path = Path(self.args.plans_dir) / f"{name}-{method}.json" if self.args.plans_dir else None
-            if path is not None and path.exists():
-                self.plans[key] = read_plan(path)
-            else:
-                started = time.monotonic()
-                options = PlanOptions(method=method, time_limit_s=self.args.milp_time_limit, threads=1)
-                self.plans[key] = plan(self.cluster(name), options)
-                elapsed = time.monotonic() - started
-                p = self.plans[key]
-                if method == "milp":
-                    bound = p.upper_bound_tokens_per_s
-                    self.notes.append(
-                        f"milp on {name}: {p.objective_tokens_per_s:.1f} tokens/s, bound "
-                        f"{bound if bound is None else round(bound, 1)}, {elapsed:.1f} s wall"
-                    )
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    write_plan(p, path)
+        if key in self.plans:
+            return self.plans[key]
+        base = method.removesuffix("-maxflow")
+        if base == "helix-published":
+            placed = helix_published_plan(self.cluster(name))
+        else:
+            placed = self._placement(name, base)
+        # Both variants from the placement alone: re-scored by Dinic (the max flow's own split),
+        # then spread; so a plan file from either version of the planner gives the same rows.
+        maxflow = plan_from_placement(
+            self.cluster(name),
+            placed.placement,
+            method=placed.method,
+            solve_seconds=placed.solve_seconds,
+            upper_bound_tokens_per_s=placed.upper_bound_tokens_per_s,
+            partial_inference=placed.partial_inference,
+        )
+        self.plans[(name, f"{base}-maxflow")] = maxflow
+        self.plans[(name, base)] = spread_plan(self.cluster(name), maxflow)
         return self.plans[key]
+
+    def _placement(self, name: str, method: str) -> Plan:
+        path = Path(self.args.plans_dir) / f"{name}-{method}.json" if self.args.plans_dir else None
+        if path is not None and path.exists():
+            return read_plan(path)
+        started = time.monotonic()
+        options = PlanOptions(method=method, time_limit_s=self.args.milp_time_limit, threads=1)
+        p = plan(self.cluster(name), options)
+        elapsed = time.monotonic() - started
+        if method == "milp":
+            bound = p.upper_bound_tokens_per_s
+            self.notes.append(
+                f"milp on {name}: {p.objective_tokens_per_s:.1f} tokens/s, bound "
+                f"{bound if bound is None else round(bound, 1)}, {elapsed:.1f} s wall"
+            )
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_plan(p, path)
+        return p
 
     def sim(self, name: str, method: str, scheduler: str, **config) -> tuple[SimResult, float]:
         cfg = SimConfig(
@@ -129,11 +178,13 @@ class Bench:
         result = simulate(self.cluster(name), self.plan(name, method), cfg)
         return result, time.monotonic() - started
 
-    def run(self, section, label, names, method, scheduler, paper=None, feed=None, rate=None) -> Row:
+    def run(
+        self, section, label, names, method, scheduler, paper=None, feed=None, rate=None, **sim_options
+    ) -> Row:
         """One row: the sum over `names` (one cluster, or the per-type sub-clusters)."""
         results, wall = [], 0.0
         for name in names:
-            config = {}
+            config = dict(sim_options)
             if feed is not None:
                 config["max_in_flight"] = feed[name]
             if rate is not None:
@@ -195,10 +246,13 @@ def format_row(r: Row) -> str:
 
 
 def ratio_check(
-    label: str, ours_num: Row, ours_den: Row, paper_num: float | None, paper_den: float | None
+    label: str, ours_num: Row, ours_den: Row | None, paper_num: float | None, paper_den: float | None
 ) -> dict:
-    ours = ours_num.decode / ours_den.decode if ours_den.decode else math.inf
-    paper = paper_num / paper_den if paper_num and paper_den else None
+    if ours_den is None:  # our absolute figure over the paper's: the paper_den slot is unused
+        ours, paper = (ours_num.decode / paper_num if paper_num else math.inf), 1.0
+    else:
+        ours = ours_num.decode / ours_den.decode if ours_den.decode else math.inf
+        paper = paper_num / paper_den if paper_num and paper_den else None
     within = paper is not None and abs(ours / paper - 1) <= 0.15
     mark = "yes" if within else "NO"
     paper_txt = f"{paper:.2f}" if paper is not None else "-"
@@ -217,13 +271,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steady-seconds", type=float, default=3000.0, help="the long IWRR run (3000)")
     ap.add_argument("--large-nodes", type=int, default=1000)
     ap.add_argument("--large-seconds", type=float, default=300.0)
+    ap.add_argument(
+        "--schedulers",
+        default=",".join(SCHEDULERS),
+        help="comma-separated schedulers for the offline grids (each system's own is always run)",
+    )
     ap.add_argument("--json", help="also write every row and check here")
     args = ap.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.steady_seconds, args.large_seconds = 120.0, 30.0, 600.0, 60.0
     bench = Bench(args)
     checks: list[dict] = []
-    schedulers = SCHEDULERS if not args.quick else ("iwrr",)
+    schedulers = tuple(args.schedulers.split(",")) if not args.quick else ("iwrr",)
+    unknown = set(schedulers) - set(SCHEDULERS)
+    if unknown:
+        ap.error(f"unknown schedulers {sorted(unknown)}; choose from {', '.join(SCHEDULERS)}")
 
     # ---------------------------------------------------------------- offline
     for model, full in (("LLaMA-2-70B", "single24-llama70b"), ("LLaMA-1-30B", "single24-llama30b")):
@@ -248,14 +310,30 @@ def main(argv: list[str] | None = None) -> int:
             paper=published(cluster, "sim_offline", "swarm"),
             feed={full: HELIX_FEED[(full, "swarm")]},
         )
+        # The same MILP placement with the max flow's own edge flows (before the spreading step).
+        bench.run("offline", f"{full} milp-maxflow + iwrr", [full], "milp-maxflow", "iwrr")
         if full.endswith("70b"):
             helix, sp = grid[("milp", "iwrr")], grid[("sp", "random")]
             swarm = grid[("swarm", "swarm")]
+            published_row = bench.run(
+                "offline", f"{full} helix-published + iwrr", [full], "helix-published", "iwrr",
+                paper=published(cluster, "sim_offline", "helix"),
+            )  # fmt: skip
+            # Helix's simulator's KV rule (admit on prompt + mean output up to 85% of each cache,
+            # the cache growing token by token) instead of whole-context reservations.
+            for method in ("milp", "helix-published"):
+                bench.run(
+                    "offline", f"{full} {method} + iwrr (helix KV rule)", [full], method, "iwrr",
+                    kv_admission="expected",
+                )  # fmt: skip
         else:
             helix = bench.run(
                 "offline", "30B per type: milp + iwrr", SUB_CLUSTERS_30B, "milp", "iwrr",
                 paper=published(cluster, "sim_offline", "helix"),
             )  # fmt: skip
+            bench.run(
+                "offline", "30B per type: milp-maxflow + iwrr", SUB_CLUSTERS_30B, "milp-maxflow", "iwrr"
+            )
             sp = bench.run(
                 "offline", "30B per type: sp + random", SUB_CLUSTERS_30B, "sp", "random",
                 paper=published(cluster, "sim_offline", "separate_pipelines"),
@@ -273,6 +351,21 @@ def main(argv: list[str] | None = None) -> int:
             ratio_check(f"{model} offline: Helix / Swarm (helix feed)", helix, swarm_feed, p_helix, p_swarm)
         )
         checks.append(ratio_check(f"{model} offline: Helix / separate pipelines", helix, sp, p_helix, p_sp))
+        if full.endswith("70b"):
+            # Helix's own placement, in our simulator, against the paper's simulator on it.
+            checks.append(
+                ratio_check(
+                    f"{model} offline: Helix's placement, ours / paper", published_row, None, p_helix, None
+                )
+            )
+            checks.append(
+                ratio_check(
+                    f"{model} offline: Helix's placement / Swarm", published_row, swarm, p_helix, p_swarm
+                )
+            )
+            checks.append(
+                ratio_check(f"{model} offline: Helix's placement / sp", published_row, sp, p_helix, p_sp)
+            )
 
     # ---------------------------------------------------------------- online
     for model, full in (("LLaMA-2-70B", "single24-llama70b"), ("LLaMA-1-30B", "single24-llama30b")):
@@ -292,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
                 paper=published(cluster, "sim_online", system),
                 rate=rates,
             )
+        if full.endswith("70b"):
+            rates = {full: HELIX_ONLINE_RATE[(full, "helix")]}
+            label = f"{full} helix-published + iwrr @ {rates[full]:g}"
+            paper = published(cluster, "sim_online", "helix")
+            rows["published"] = bench.run(
+                "online", label, [full], "helix-published", "iwrr", paper=paper, rate=rates
+            )
         p = [published(cluster, "sim_online", s) for s in SYSTEMS]
         print("\n  ratios (decode throughput)")
         checks.append(ratio_check(f"{model} online: Helix / Swarm", rows["helix"], rows["swarm"], p[0], p[1]))
@@ -308,15 +408,18 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- IWRR at steady state
     print(f"\n## IWRR in offline steady state ({args.steady_seconds:g} s measured after 600 s)\n")
     steady = {}
-    for name in ("single24-llama70b", *SUB_CLUSTERS_30B):
+    runs = [("single24-llama70b", "milp"), ("single24-llama70b", "helix-published")]
+    runs += [(name, method) for name in SUB_CLUSTERS_30B for method in ("milp", "milp-maxflow")]
+    for name, method in runs:
         cfg = SimConfig(scheduler="iwrr", duration_s=600 + args.steady_seconds, warmup_s=600, seed=args.seed)
         started = time.monotonic()
-        result = simulate(bench.cluster(name), bench.plan(name, "milp"), cfg)
+        result = simulate(bench.cluster(name), bench.plan(name, method), cfg)
         wall = time.monotonic() - started
-        steady[name] = result.flow_fraction
+        steady[f"{name} {method}"] = result.flow_fraction
         print(
-            f"  {name:30} max flow {result.max_flow_tokens_per_s:8.1f}  carried {result.carried_tokens_per_s:8.1f}"
-            f"  = {result.flow_fraction:6.1%}   decode {result.decode_tokens_per_s:6.1f}  ({wall:.1f} s wall)"
+            f"  {name + ' ' + method:48} max flow {result.max_flow_tokens_per_s:8.1f}  carried "
+            f"{result.carried_tokens_per_s:8.1f}  = {result.flow_fraction:6.1%}   decode "
+            f"{result.decode_tokens_per_s:6.1f}  ({wall:.1f} s wall)"
         )
     print("  (Helix's simulator: 1176.7 of 1289.56 = 91% on its own 70B placement; target >= 90%)")
 
