@@ -159,6 +159,8 @@ class HelixClient:
         self.tokenizer, self.max_length = _load_tokenizer(model)
         self._avoid_until: dict[str, float] = {}
         self._failures_by_peer: dict[str, int] = {}
+        #: when each avoided peer last failed (wall clock, to compare with a record's joined_at)
+        self._blamed_at: dict[str, float] = {}
         #: peers this client caught lying: never routed to again by it, and reported
         self.liars: set[str] = set()
         self._report: ReportRecord | None = None
@@ -446,8 +448,7 @@ class HelixClient:
         deadline = time.monotonic() + self.options.route_wait_s
         refreshed = False
         while True:
-            now = time.monotonic()
-            avoid = {p for p, until in self._avoid_until.items() if until > now}
+            avoid = self.avoided()
             avoid |= self.liars | self._snapshot.banned
             if failures and not refreshed:
                 await self._refresh_quietly()
@@ -488,6 +489,7 @@ class HelixClient:
         count = self._failures_by_peer.get(peer_id, 0) + 1
         self._failures_by_peer[peer_id] = count
         self._avoid_until[peer_id] = time.monotonic() + self.options.avoid_s * min(8, 2 ** (count - 1))
+        self._blamed_at[peer_id] = time.time()
 
     async def _verify(
         self, route: Sequence[RouteHop], token_ids: list[int], token_id: int, sampling: SamplingParams
@@ -539,8 +541,19 @@ class HelixClient:
         asyncio.ensure_future(publish())
 
     def avoided(self) -> set[str]:
+        """Peers routed around now. A peer that has restarted since it failed (a record with a later
+        joined_at: a new process behind the same identity) is forgiven, back-off and all."""
         now = time.monotonic()
+        for peer in [p for p in self._avoid_until if self._rejoined(p)]:
+            logger.info("peer %s has rejoined since it failed; routing to it again", peer)
+            del self._avoid_until[peer]
+            self._failures_by_peer.pop(peer, None)
+            self._blamed_at.pop(peer, None)
         return {p for p, until in self._avoid_until.items() if until > now}
+
+    def _rejoined(self, peer_id: str) -> bool:
+        record = self._snapshot.records.get(peer_id)
+        return record is not None and record.joined_at > self._blamed_at.get(peer_id, float("inf"))
 
     def _close_quietly(self, session: RemoteSession) -> None:
         async def close() -> None:
