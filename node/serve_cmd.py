@@ -44,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--idle-timeout-s", type=float, default=300.0, help="close sessions idle this long")
     a("--max-sessions-per-peer", type=int, default=256)
     a("--max-queued-steps-per-peer", type=int, default=256)
+    a(
+        "--max-kv-tokens-per-peer",
+        type=int,
+        default=1 << 20,
+        help="KV positions one peer's sessions may reserve",
+    )
+    a(
+        "--max-bytes-in-flight-per-peer",
+        type=int,
+        default=512 << 20,
+        help="request bytes one peer may have in flight",
+    )
     a("--max-step-tokens", type=int, default=8192)
     a("--threads", type=int, help="torch's CPU threads for this process (default: torch's choice)")
     a("-v", "--verbose", action="store_true", help="log debug messages")
@@ -66,6 +78,8 @@ async def serve(args: argparse.Namespace) -> int:
     limits = DataPlaneLimits(
         max_sessions_per_peer=args.max_sessions_per_peer,
         max_queued_steps_per_peer=args.max_queued_steps_per_peer,
+        max_kv_tokens_per_peer=args.max_kv_tokens_per_peer,
+        max_bytes_in_flight_per_peer=args.max_bytes_in_flight_per_peer,
         max_step_tokens=args.max_step_tokens,
         idle_timeout_s=args.idle_timeout_s,
     )

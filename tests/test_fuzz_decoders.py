@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 import torch
+from fuzz_strategies import DEEP, MSGPACK_VALUES, TENSORS, VALUES, matching_tensors, mutated
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.validation import DHTRecord
 from hivemind.proto import runtime_pb2
@@ -73,56 +74,10 @@ PEERS = (
 )
 ROUTE = (RouteHop(PEERS[0], 0, 2), RouteHop(PEERS[1], 2, 4))
 LIMITS = DataPlaneLimits(max_step_tokens=64, max_request_bytes=1 << 16)
-SAMPLING = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.2, seed=3, stop_token_ids=(1,))
+SAMPLING = SamplingParams(
+    temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.2, seed=3, stop_token_ids=(1,)
+)
 PREFIX = "fuzz-swarm"
-
-# --- strategies ----------------------------------------------------------------------------------
-
-#: numbers at and past every edge a reader converts or compares (floats, int64, JSON's 2^53)
-EDGE_NUMBERS = st.sampled_from(
-    [0, -1, 1, 2**31, 2**53 + 1, 2**63, 2**64, 10**400, -(10**400), 1e308, -0.0, math.inf, -math.inf, math.nan]
-)
-LEAVES = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    EDGE_NUMBERS,
-    st.floats(),
-    st.text(max_size=40),
-)
-#: anything JSON (with NaN and huge ints) or msgpack could carry
-VALUES = st.recursive(
-    LEAVES,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=8,
-)
-MSGPACK_VALUES = st.recursive(
-    st.one_of(LEAVES.filter(lambda x: not (isinstance(x, int) and not -(2**63) <= x < 2**64)), st.binary(max_size=40)),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=8,
-)
-#: nesting deep enough to exhaust a recursive parser
-DEEP = st.integers(min_value=1_000, max_value=5_000).map(lambda n: "[" * n + "]" * (n % 3))
-
-
-def mutated(base: dict[str, Any], data: st.DataObject, values: st.SearchStrategy = VALUES) -> dict[str, Any]:
-    """`base` with a few keys replaced, removed or added (nested maps and lists included)."""
-    doc = json.loads(json.dumps(base))
-    for _ in range(data.draw(st.integers(1, 3))):
-        target, keys = doc, list(doc)
-        nested = [k for k in keys if isinstance(doc[k], (dict, list)) and doc[k]]
-        if nested and data.draw(st.booleans()):
-            key = data.draw(st.sampled_from(nested))
-            target = doc[key]
-            keys = list(target) if isinstance(target, dict) else list(range(len(target)))
-        action = data.draw(st.sampled_from(["replace", "remove", "add"]))
-        if action == "add" and isinstance(target, dict):
-            target[data.draw(st.text(max_size=8))] = data.draw(values)
-        elif action == "remove" and keys:
-            del target[data.draw(st.sampled_from(keys))]
-        elif keys:
-            target[data.draw(st.sampled_from(keys))] = data.draw(values)
-    return doc
 
 
 def metadata_of(message: OpenSession | Step | CloseSession) -> tuple[str, dict[str, Any]]:
@@ -136,28 +91,6 @@ def valid_step() -> Step:
 
 VALID_REQUESTS = [OpenSession("s1", ROUTE, 32, SAMPLING, hop_index=1), valid_step(), CloseSession("s1")]
 VALID_REPLIES = [Opened("s1", 2), Generated("s1", 4, 1, 17, False), Failure(ErrorCode.BUSY, "full", PEERS[1])]
-
-TENSORS = st.builds(
-    runtime_pb2.Tensor,
-    buffer=st.binary(max_size=96),
-    size=st.lists(st.integers(0, 2**32 - 1), max_size=4),
-    dtype=st.sampled_from(["int64", "float32", "bfloat16", "float16", "float64", "bool", "", "int8", "\x00"]),
-    requires_grad=st.booleans(),
-    compression=st.integers(0, 7),
-    chunks=st.integers(0, 3),
-)
-
-
-@st.composite
-def matching_tensors(draw: st.DrawFn) -> runtime_pb2.Tensor:
-    """A header whose buffer length matches its shape: reaches the checks behind the length check."""
-    dtype = draw(st.sampled_from(["int64", "float32", "bfloat16", "float16"]))
-    size = draw(st.lists(st.integers(0, 70), min_size=1, max_size=3))
-    itemsize = {"int64": 8, "float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-    nbytes = math.prod(size) * itemsize
-    if nbytes > 1 << 14:
-        size, nbytes = [1], itemsize
-    return runtime_pb2.Tensor(buffer=draw(st.binary(min_size=nbytes, max_size=nbytes)), size=size, dtype=dtype)
 
 
 def decodes_or_malformed(data: bytes) -> None:
@@ -200,10 +133,14 @@ def test_mutated_metadata_is_refused_or_decoded(message, data: st.DataObject) ->
     kind = data.draw(st.sampled_from([kind, kind, "open", "step", "close", "", "x" * 100]))
     original = runtime_pb2.ExpertRequest.FromString(encode_request(message))
     tensors = data.draw(
-        st.one_of(st.just(list(original.tensors)), st.lists(st.one_of(TENSORS, matching_tensors()), max_size=3))
+        st.one_of(
+            st.just(list(original.tensors)), st.lists(st.one_of(TENSORS, matching_tensors()), max_size=3)
+        )
     )
-    metadata = json.dumps(mutated(meta, data)).encode()
-    decodes_or_malformed(runtime_pb2.ExpertRequest(uid=kind, metadata=metadata, tensors=tensors).SerializeToString())
+    metadata = json.dumps(mutated(meta, data.draw)).encode()
+    decodes_or_malformed(
+        runtime_pb2.ExpertRequest(uid=kind, metadata=metadata, tensors=tensors).SerializeToString()
+    )
 
 
 @FUZZ
@@ -218,7 +155,9 @@ def test_deep_or_garbage_metadata_is_malformed(metadata: bytes, kind: str) -> No
 def test_step_tensor_headers(tensors, has_ids: bool, has_hidden: bool) -> None:
     meta = {"v": 1, "session_id": "s1", "position": 0, "token_ids": has_ids, "hidden_states": has_hidden}
     decodes_or_malformed(
-        runtime_pb2.ExpertRequest(uid="step", metadata=json.dumps(meta).encode(), tensors=tensors).SerializeToString()
+        runtime_pb2.ExpertRequest(
+            uid="step", metadata=json.dumps(meta).encode(), tensors=tensors
+        ).SerializeToString()
     )
 
 
@@ -235,8 +174,9 @@ def test_oversized_requests_and_metadata_are_refused_before_parsing() -> None:
     meta = {"v": 1, "session_id": "s1", "position": 0, "token_ids": False, "hidden_states": True}
     with pytest.raises(MalformedMessageError, match="tokens, a step carries"):
         decode_request(
-            runtime_pb2.ExpertRequest(uid="step", metadata=json.dumps(meta).encode(), tensors=[huge])
-            .SerializeToString(),
+            runtime_pb2.ExpertRequest(
+                uid="step", metadata=json.dumps(meta).encode(), tensors=[huge]
+            ).SerializeToString(),
             LIMITS,
         )
 
@@ -279,7 +219,7 @@ def test_replies_truncated_flipped_or_random(data_bytes: bytes, data: st.DataObj
 @given(st.sampled_from(VALID_REPLIES), st.data())
 def test_mutated_reply_metadata(reply, data: st.DataObject) -> None:
     meta = json.loads(runtime_pb2.ExpertResponse.FromString(encode_reply(reply)).metadata)
-    metadata = data.draw(st.one_of(st.just(json.dumps(mutated(meta, data))), DEEP)).encode()
+    metadata = data.draw(st.one_of(st.just(json.dumps(mutated(meta, data.draw))), DEEP)).encode()
     reply_or_malformed(runtime_pb2.ExpertResponse(metadata=metadata).SerializeToString())
 
 
@@ -400,7 +340,7 @@ NODE_WIRE = node_record_to_wire(node(PEERS[0], layers=(0, 4), links=(link(PEERS[
 def test_node_records_mutated_or_random(data: st.DataObject) -> None:
     value = data.draw(st.one_of(st.just(NODE_WIRE), VALUES))
     if isinstance(value, dict) and value:
-        value = mutated(value, data)
+        value = mutated(value, data.draw)
     record_or_error(node_record_from_wire, value)
 
 
@@ -410,7 +350,7 @@ def test_plan_bodies_mutated_truncated_or_deep(data: st.DataObject) -> None:
     body = plan_body_bytes(plan(3, PEERS[0], {PEERS[0]: (0, 4), PEERS[1]: (4, 8)}))
     how = data.draw(st.sampled_from(["mutate", "truncate", "deep", "random"]))
     if how == "mutate":
-        body = json.dumps(mutated(json.loads(body), data), allow_nan=True).encode()
+        body = json.dumps(mutated(json.loads(body), data.draw), allow_nan=True).encode()
     elif how == "truncate":
         body = body[: data.draw(st.integers(0, len(body)))]
     elif how == "deep":
@@ -467,7 +407,7 @@ def test_the_validator_answers_false_and_never_raises(alice, data: st.DataObject
         packed = DHTProtocol.serializer.dumps(own)
         value = packed[: data.draw(st.integers(0, len(packed) - 1))]
     elif how == "mutate":
-        doc = mutated(own, data, MSGPACK_VALUES) if data.draw(st.booleans()) else data.draw(MSGPACK_VALUES)
+        doc = mutated(own, data.draw, MSGPACK_VALUES) if data.draw(st.booleans()) else data.draw(MSGPACK_VALUES)
         value = msgpack.packb(doc, use_bin_type=True)
     elif how == "oversize":
         value = DHTProtocol.serializer.dumps(dict(own, name="x" * MAX_NODE_RECORD_BYTES))
@@ -488,3 +428,11 @@ def test_the_validator_accepts_the_honest_record(alice) -> None:
     validator = SwarmRecordValidator(PREFIX)
     value = DHTProtocol.serializer.dumps(node_record_to_wire(node(alice.peer_id, updated_at=get_dht_time())))
     assert validator.validate(dht_record(registry_key(PREFIX, alice.peer_id), alice.owner_subkey, value))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_hidden_states_are_refused(bad: float) -> None:
+    hidden = torch.zeros(2, 8)
+    hidden[1, 3] = bad
+    with pytest.raises(MalformedMessageError, match="NaN or infinite"):
+        decode_request(encode_request(Step("s1", 0, hidden_states=hidden)), LIMITS)

@@ -226,7 +226,11 @@ def _tensor(
         )
     if proto.requires_grad:
         raise MalformedMessageError(f"step: {name} must not require grad")
-    return deserialize_torch_tensor(proto)
+    tensor = deserialize_torch_tensor(proto)
+    if not ints and not bool(torch.isfinite(tensor).all()):
+        # NaN or inf would run through every later layer and sampling: refuse them where they arrive
+        raise MalformedMessageError(f"step: {name} holds NaN or infinite values")
+    return tensor
 
 
 # --- replies -------------------------------------------------------------------------------------
