@@ -407,7 +407,9 @@ def test_the_validator_answers_false_and_never_raises(alice, data: st.DataObject
         packed = DHTProtocol.serializer.dumps(own)
         value = packed[: data.draw(st.integers(0, len(packed) - 1))]
     elif how == "mutate":
-        doc = mutated(own, data.draw, MSGPACK_VALUES) if data.draw(st.booleans()) else data.draw(MSGPACK_VALUES)
+        doc = (
+            mutated(own, data.draw, MSGPACK_VALUES) if data.draw(st.booleans()) else data.draw(MSGPACK_VALUES)
+        )
         value = msgpack.packb(doc, use_bin_type=True)
     elif how == "oversize":
         value = DHTProtocol.serializer.dumps(dict(own, name="x" * MAX_NODE_RECORD_BYTES))
