@@ -161,6 +161,8 @@ class HelixClient:
         self._failures_by_peer: dict[str, int] = {}
         #: when each avoided peer last failed (wall clock, to compare with a record's joined_at)
         self._blamed_at: dict[str, float] = {}
+        #: avoided peers whose failure was holding other layers than the route asked (moved by a plan)
+        self._moved: set[str] = set()
         #: peers this client caught lying: never routed to again by it, and reported
         self.liars: set[str] = set()
         self._report: ReportRecord | None = None
@@ -393,6 +395,10 @@ class HelixClient:
                     failures.append(str(e))
                     for peer in self._suspects(e, route, time.monotonic() - call_started):
                         self._blame(peer)
+                        if isinstance(e, LayersUnavailableError):
+                            self._moved.add(peer)
+                        else:
+                            self._moved.discard(peer)
                     if session is not None:
                         self._close_quietly(session)
                         session = None
@@ -545,15 +551,21 @@ class HelixClient:
         joined_at: a new process behind the same identity) is forgiven, back-off and all."""
         now = time.monotonic()
         for peer in [p for p in self._avoid_until if self._rejoined(p)]:
-            logger.info("peer %s has rejoined since it failed; routing to it again", peer)
+            logger.info("peer %s has restarted or moved since it failed; routing to it again", peer)
             del self._avoid_until[peer]
             self._failures_by_peer.pop(peer, None)
             self._blamed_at.pop(peer, None)
+            self._moved.discard(peer)
         return {p for p, until in self._avoid_until.items() if until > now}
 
     def _rejoined(self, peer_id: str) -> bool:
+        """Restarted since it failed, or refused for holding other layers and re-announced since: a
+        node moved by a new plan is healthy, and its newer record routes to the layers it holds."""
         record = self._snapshot.records.get(peer_id)
-        return record is not None and record.joined_at > self._blamed_at.get(peer_id, float("inf"))
+        if record is None:
+            return False
+        blamed_at = self._blamed_at.get(peer_id, float("inf"))
+        return record.joined_at > blamed_at or (peer_id in self._moved and record.updated_at > blamed_at)
 
     def _close_quietly(self, session: RemoteSession) -> None:
         async def close() -> None:
