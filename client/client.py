@@ -62,6 +62,11 @@ from .view import RoutePicker, Snapshot, follow_plan, view_time
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: one read of the registry and the plans may take this long: a client driving many generations on
+#: a busy machine needs more than 5 s, and reads cut short froze its view (an old plan, nodes that
+#: had moved since refused and avoided) for as long as that lasted
+READ_TIMEOUT_S = 20.0
+
 #: errors after which another route may succeed; anything else is the request's own fault
 RETRYABLE: tuple[type[DataPlaneError], ...] = (
     HopUnreachableError,
@@ -223,7 +228,9 @@ class HelixClient:
                 logger.info("reading the swarm's registry timed out; trying again")
 
     async def _refresh(self) -> Snapshot:
-        fresh, plans = await asyncio.wait_for(self.dht.read(), timeout=max(5.0, 2 * self.options.refresh_s))
+        fresh, plans = await asyncio.wait_for(
+            self.dht.read(), timeout=max(READ_TIMEOUT_S, 2 * self.options.refresh_s)
+        )
         # A lookup can miss entries (a DHT peer holding them is slow or gone); a record read before
         # stays good until it goes stale by its own timestamps, so merge rather than replace.
         records = dict(self._snapshot.records)
