@@ -114,10 +114,13 @@ async def check_network(args: argparse.Namespace, say: Callable[[str], None]) ->
             return True
     except HelixError as e:
         say(f"{FAIL} cannot reach the swarm: {e}")
-        say(
-            "     check the address (copy the line helix-bootstrap printed), that the bootstrap is running, "
-            "and that outgoing TCP to its port is allowed"
-        )
+        if "private swarm" in str(e):
+            say("     ask the swarm's operator for its key file and pass it with --swarm-key FILE")
+        else:
+            say(
+                "     check the address (copy the line helix-bootstrap printed), that the bootstrap is "
+                "running, and that outgoing TCP to its port is allowed"
+            )
         return False
 
 
