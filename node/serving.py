@@ -63,7 +63,18 @@ from helix_p2p.protocol.messages import (
     Step,
 )
 from helix_p2p.protocol.sealing import open_expert_request, seal_expert_response
-from helix_p2p.protocol.transport import STREAM_PROTOCOL, UNARY_PROTOCOL, call_peer, read_frame, write_frame
+from helix_p2p.protocol.transport import (
+    CALL_ID_BYTES,
+    CHANNEL_MAX_FRAME_BYTES,
+    CHANNEL_PROTOCOL,
+    FRAME_HEADER_BYTES,
+    STREAM_PROTOCOL,
+    UNARY_PROTOCOL,
+    call_peer,
+    close_channels,
+    read_frame,
+    write_frame,
+)
 from helix_p2p.protocol.wire import (
     decode_request,
     decode_request_message,
@@ -250,6 +261,7 @@ class DataPlane:
     async def start(self) -> None:
         await self.p2p.add_protobuf_handler(UNARY_PROTOCOL, self._on_unary, runtime_pb2.ExpertRequest)
         await self.p2p.add_binary_stream_handler(STREAM_PROTOCOL, self._on_stream)
+        await self.p2p.add_binary_stream_handler(CHANNEL_PROTOCOL, self._on_channel)
         self._reaper = asyncio.create_task(self._reap_loop(), name="session reaper")
 
     async def close(self) -> None:
@@ -262,6 +274,7 @@ class DataPlane:
         self._batchers.clear()
         for sid in list(self._sessions):
             await self._drop(sid, "the node is shutting down")
+        close_channels(self.p2p)
 
     @property
     def num_sessions(self) -> int:
@@ -322,18 +335,61 @@ class DataPlane:
                 logger.info("a stream from %s ended before its request was read: %s", peer, type(e).__name__)
                 return
             else:
-                forward = _forward_request(data)
-                if forward is not None:
-                    response = await self._serve_forward(lambda: decode_forward(forward, self.limits), peer)
-                    reply_bytes = response.SerializeToString()
-                else:
-                    reply = await self._serve(lambda: decode_request(data, self.limits), peer)
-                    reply_bytes = encode_reply(reply)
-                reply_bytes = seal_reply(self.p2p, STREAM_PROTOCOL, peer, reply_bytes)
+                reply_bytes = seal_reply(self.p2p, STREAM_PROTOCOL, peer, await self._answer(data, peer))
             try:
                 await write_frame(writer, reply_bytes)
             except ConnectionError:
                 logger.info("peer %s hung up before its reply", peer)
+
+    async def _answer(self, data: bytes, peer: str) -> bytes:
+        """The encoded reply to an encoded (opened) request that came as a frame."""
+        forward = _forward_request(data)
+        if forward is not None:
+            response = await self._serve_forward(lambda: decode_forward(forward, self.limits), peer)
+            return response.SerializeToString()
+        return encode_reply(await self._serve(lambda: decode_request(data, self.limits), peer))
+
+    async def _on_channel(
+        self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A caller's persistent stream (`transport` channels): each frame is a call id and a request,
+        served concurrently with the others, each answered by a frame with its call id. Reading
+        stops while `max_queued_steps_per_peer` calls of this stream are being served (back
+        pressure); a frame over the cap ends the stream, whose framing is then lost."""
+        peer = stream_info.peer_id.to_base58()
+        slots = asyncio.Semaphore(self.limits.max_queued_steps_per_peer)
+        calls: set[asyncio.Task] = set()
+        with closing(writer):
+            while True:
+                await slots.acquire()
+                try:
+                    frame = await read_frame(reader, CHANNEL_MAX_FRAME_BYTES)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break  # the caller closed it
+                except MalformedMessageError as e:
+                    logger.info("closed a channel from %s: %s", peer, e)
+                    break
+                call = asyncio.create_task(self._channel_call(frame, peer, writer))
+                calls.add(call)
+                call.add_done_callback(lambda c: (calls.discard(c), slots.release()))
+            if calls:  # replies still being written go out before the stream closes
+                await asyncio.wait(calls)
+
+    async def _channel_call(self, frame: bytes, peer: str, writer: asyncio.StreamWriter) -> None:
+        call_id, data = frame[:CALL_ID_BYTES], frame[CALL_ID_BYTES:]
+        try:
+            data = open_request(self.p2p, CHANNEL_PROTOCOL, peer, data)
+        except SwarmAuthError as e:
+            logger.info("refused a request from %s: %s", peer, e)
+            reply_bytes = encode_reply(Failure.of(MalformedMessageError(str(e)), self.peer_id))
+        else:
+            reply_bytes = seal_reply(self.p2p, CHANNEL_PROTOCOL, peer, await self._answer(data, peer))
+        body = call_id + reply_bytes
+        try:
+            writer.write(len(body).to_bytes(FRAME_HEADER_BYTES, "big") + body)  # one write: never interleaved
+            await writer.drain()
+        except ConnectionError:
+            logger.info("peer %s closed its channel before a reply", peer)
 
     async def _serve(self, decode: Callable[[], Request], peer: str) -> Reply:
         kind = "request"

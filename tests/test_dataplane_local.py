@@ -1,7 +1,7 @@
 """The serving side in one process, with real hivemind P2P daemons and real shards: two nodes
 holding [0, 2) and [2, 4) of a tiny model and a client, all on one event loop. Covers what the
 multi-process tests cannot reach from outside: the idle timeout (a controlled clock), per-peer
-session limits, another peer's session, an oversized stream frame, a leaving node's gate, layers
+session limits, another peer's session, an oversized stream frame, raw channel frames, a leaving node's gate, layers
 not held, and make-before-break (sessions stay on the shard they were opened on)."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from helix_p2p.protocol import (
     Step,
 )
 from helix_p2p.protocol.driver import RemoteSession, generate
-from helix_p2p.protocol.transport import STREAM_PROTOCOL, call_peer, read_frame
+from helix_p2p.protocol.transport import CHANNEL_PROTOCOL, STREAM_PROTOCOL, call_peer, read_frame
 from helix_p2p.protocol.wire import decode_reply, encode_request
 from helix_p2p.shard import LocalChain, Shard, ShardSpec, TinyModelSpec, load_shard, make_tiny_model
 
@@ -157,6 +157,37 @@ def test_an_oversized_stream_frame_is_refused_before_reading(env: Env) -> None:
         with pytest.raises(MalformedMessageError, match="passes the"):
             raise reply.exception()
         prompt = ids(6, 2)
+        assert await generate(env.loop.p2p, env.route(), prompt, 5) == env.chain.generate(prompt, 5)
+
+    env.loop.run(scenario())
+
+
+def test_a_channel_answers_each_call_by_its_id_and_drops_an_oversized_frame(env: Env) -> None:
+    from helix_p2p.protocol import CloseSession
+
+    def frame(call_id: int, body: bytes) -> bytes:
+        data = call_id.to_bytes(8, "big") + body
+        return len(data).to_bytes(8, "big") + data
+
+    async def scenario() -> None:
+        peer = env.p2ps[0].peer_id
+        _, reader, writer = await env.loop.p2p.call_binary_stream_handler(peer, CHANNEL_PROTOCOL)
+        writer.write(frame(7, b"not a protobuf") + frame(3, encode_request(CloseSession("nobody-here"))))
+        await writer.drain()
+        replies = {}
+        for _ in range(2):
+            data = await read_frame(reader, 1 << 16)
+            replies[int.from_bytes(data[:8], "big")] = decode_reply(data[8:])
+        assert set(replies) == {3, 7}
+        with pytest.raises(MalformedMessageError, match="not an ExpertRequest"):
+            raise replies[7].exception()
+        with pytest.raises(SessionNotFoundError, match="nobody-here"):
+            raise replies[3].exception()
+        writer.write((1 << 40).to_bytes(8, "big"))  # over the cap: the node ends this stream unread
+        await writer.drain()
+        assert await reader.read() == b""
+        writer.close()
+        prompt = ids(6, 3)  # everyone else's channels go on
         assert await generate(env.loop.p2p, env.route(), prompt, 5) == env.chain.generate(prompt, 5)
 
     env.loop.run(scenario())
