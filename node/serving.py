@@ -38,6 +38,7 @@ from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from torch import Generator, Tensor, randn
+from typing_extensions import Self
 
 from helix_p2p.protocol.errors import (
     BusyError,
@@ -145,7 +146,7 @@ class _InFlight:
         self.quota.add_bytes(self.peer, num_bytes)
         self.num_bytes = num_bytes
 
-    def __enter__(self) -> _InFlight:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -381,7 +382,9 @@ class DataPlane:
             data = open_request(self.p2p, CHANNEL_PROTOCOL, peer, data)
         except SwarmAuthError as e:
             logger.info("refused a request from %s: %s", peer, e)
-            reply_bytes = encode_reply(Failure.of(MalformedMessageError(str(e)), self.peer_id))
+            # worded as the unary path words an untagged request (a tag is missing or wrong alike)
+            why = f"peer {peer} sent a request without this private swarm's key (--swarm-key)"
+            reply_bytes = encode_reply(Failure.of(MalformedMessageError(why), self.peer_id))
         else:
             reply_bytes = seal_reply(self.p2p, CHANNEL_PROTOCOL, peer, await self._answer(data, peer))
         body = call_id + reply_bytes
