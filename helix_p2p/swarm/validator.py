@@ -64,7 +64,7 @@ class SwarmRecordValidator(RecordValidatorBase):
         try:
             self.check(record, kind)
         except (RecordError, IdentityError, ValueError, TypeError) as e:
-            self._refusals.log(str(e))
+            self._refusals.log(record, str(e))
             return False
         return True
 
@@ -107,26 +107,27 @@ def _unpack(raw: bytes, what: str) -> Any:
     try:
         return DHTProtocol.serializer.loads(raw)
     except Exception as e:  # no common base to name; the record is refused, never trusted
-        raise RecordError(f"the {what} is not readable msgpack ({type(e).__name__})") from None
+        raise RecordError(f"the {what} is not readable msgpack ({type(e).__name__})") from e
 
 
 class _RefusalLog:
-    """One info line per refused record, at most one per `interval_s`: a stranger can make a peer
-    refuse records as fast as it sends them, so lines in between are only counted in the next."""
+    """One info line per refused record; the same record refused again within `interval_s` is not
+    logged again (a stranger can make a peer refuse one record each time it is read or re-sent)."""
 
-    def __init__(self, interval_s: float = 10.0) -> None:
+    def __init__(self, interval_s: float = 60.0, max_remembered: int = 4096) -> None:
         self.interval_s = interval_s
-        self._last_s = -math.inf
-        self._skipped = 0
+        self.max_remembered = max_remembered
+        self._last_s: dict[tuple[bytes, bytes, int], float] = {}
 
-    def log(self, reason: str) -> None:
+    def log(self, record: DHTRecord, reason: str) -> None:
         now = time.monotonic()
-        if now - self._last_s < self.interval_s:
-            self._skipped += 1
+        seen = (record.key, record.subkey, hash(record.value))
+        if now - self._last_s.get(seen, -math.inf) < self.interval_s:
             return
-        more = f" (and {self._skipped} more refused since the last line)" if self._skipped else ""
-        logger.info("ignored a swarm record that fails its checks: %s%s", reason, more)
-        self._last_s, self._skipped = now, 0
+        if len(self._last_s) >= self.max_remembered:  # forget rather than grow without bound
+            self._last_s.clear()
+        self._last_s[seen] = now
+        logger.info("ignored a swarm record that fails its checks: %s", reason)
 
 
 def swarm_validators(identity: Identity, prefix: str) -> list[RecordValidatorBase]:
