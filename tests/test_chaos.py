@@ -28,8 +28,8 @@ SETTINGS = ChaosSettings(
     duration_s=16.0,
     kill_every_s=4.0,
     down_s=4.0,
-    max_down=2,
-    after_s=60.0,
+    max_down=3,
+    after_s=150.0,
     recovered_within=0.5,
     seed=1,
 )
@@ -46,7 +46,6 @@ def _explain(result) -> str:
 
 def test_every_request_completes_with_the_undisturbed_output(chaos) -> None:
     assert len(set(chaos.expected.values())) >= 2, f"prompts that tell outputs apart: {chaos.expected}"
-    assert all(len(t) == SETTINGS.max_new_tokens for t in chaos.expected.values()), chaos.expected
     during = [o for o in chaos.outcomes if o.phase == "chaos"]
     assert len(during) >= SETTINGS.concurrency, f"only {len(during)} requests ran during the chaos"
     assert chaos.hung == 0
