@@ -386,7 +386,21 @@ class DataPlane:
             why = f"peer {peer} sent a request without this private swarm's key (--swarm-key)"
             reply_bytes = encode_reply(Failure.of(MalformedMessageError(why), self.peer_id))
         else:
-            reply_bytes = seal_reply(self.p2p, CHANNEL_PROTOCOL, peer, await self._answer(data, peer))
+            # a channel's frames count against the peer's bytes in flight until answered, as a
+            # stream's do: one peer's channels cannot hold more than its cap in queued requests
+            why = self.quota.refuse_bytes(peer, len(frame))
+            if why:
+                busy = BusyError(f"peer {self.peer_id} is busy: {why}", self.peer_id)
+                logger.info("refused a request from %s: %s", peer, busy)
+                reply_bytes = seal_reply(
+                    self.p2p, CHANNEL_PROTOCOL, peer, encode_reply(Failure.of(busy, self.peer_id))
+                )
+            else:
+                self.quota.add_bytes(peer, len(frame))
+                try:
+                    reply_bytes = seal_reply(self.p2p, CHANNEL_PROTOCOL, peer, await self._answer(data, peer))
+                finally:
+                    self.quota.remove_bytes(peer, len(frame))
         body = call_id + reply_bytes
         try:
             writer.write(len(body).to_bytes(FRAME_HEADER_BYTES, "big") + body)  # one write: never interleaved

@@ -2,7 +2,7 @@
 real hivemind P2P) holding [0, 2) and [2, 4) of a tiny model, and a client in the test process that
 talks to the handlers raw.
 
-Batches of hypothesis-generated requests go to the unary handler (valid messages with keys replaced,
+Batches of hypothesis-generated requests go to the unary handler and the persistent channel (valid messages with keys replaced,
 removed or added, arbitrary tensor headers, unknown kinds) and raw frames to the stream handler
 (random bodies, valid encodings cut or with bytes flipped, frames announcing more than the limit,
 oversized metadata, frames cut off by a hang-up). Each answered request gets an error reply that
@@ -43,6 +43,9 @@ from helix_p2p.protocol import (
 )
 from helix_p2p.protocol.driver import RemoteSession, generate
 from helix_p2p.protocol.transport import (
+    CALL_ID_BYTES,
+    CHANNEL_MAX_FRAME_BYTES,
+    CHANNEL_PROTOCOL,
     FRAME_HEADER_BYTES,
     STREAM_PROTOCOL,
     UNARY_PROTOCOL,
@@ -235,6 +238,55 @@ def test_fuzzed_stream_frames_get_error_replies(swarm, data: st.DataObject) -> N
             assert reply is None
         else:
             check_refusal(reply)
+
+
+@LIVE
+@given(data=st.data())
+def test_fuzzed_channel_frames_get_error_replies(swarm, data: st.DataObject) -> None:
+    """The persistent channel: many calls on one stream, each a call id and a request; every call
+    gets its own reply frame with its call id, and a frame past the channel's cap ends the channel."""
+    servers, client = swarm
+    bases = base_requests(servers)
+    bodies = data.draw(
+        st.lists(
+            st.one_of(
+                st.binary(max_size=200),
+                hostile_requests(bases).map(runtime_pb2.ExpertRequest.SerializeToString),
+                st.sampled_from(bases).map(
+                    lambda r: r.SerializeToString()[: len(r.SerializeToString()) // 2]
+                ),
+            ),
+            min_size=3,
+            max_size=6,
+        )
+    )
+    oversized_last = data.draw(st.booleans())
+    peer = PeerID.from_base58(data.draw(st.sampled_from([s.peer_id for s in servers])))
+
+    async def scenario() -> dict[bytes, object]:
+        _, reader, writer = await client.p2p.call_binary_stream_handler(peer, CHANNEL_PROTOCOL)
+        with closing(writer):
+            for i, body in enumerate(bodies):
+                frame = i.to_bytes(CALL_ID_BYTES, "big") + body
+                writer.write(len(frame).to_bytes(FRAME_HEADER_BYTES, "big") + frame)
+            if oversized_last:
+                writer.write((CHANNEL_MAX_FRAME_BYTES + 1).to_bytes(FRAME_HEADER_BYTES, "big"))
+            await writer.drain()
+            replies = {}
+            for _ in bodies:
+                frame = await asyncio.wait_for(read_frame(reader, MAX_REPLY_BYTES + 64), REPLY_TIMEOUT_S)
+                replies[frame[:CALL_ID_BYTES]] = decode_reply(frame[CALL_ID_BYTES:])
+            if oversized_last:  # the node ends the channel: end of stream, not a hang
+                with pytest.raises(asyncio.IncompleteReadError):
+                    await asyncio.wait_for(read_frame(reader, MAX_REPLY_BYTES), REPLY_TIMEOUT_S)
+        for reply in replies.values():
+            await close_if_opened(client, peer.to_base58(), reply)
+        return replies
+
+    replies = client.run(scenario())
+    assert sorted(replies) == [i.to_bytes(CALL_ID_BYTES, "big") for i in range(len(bodies))]
+    for reply in replies.values():
+        check_refusal(reply)
 
 
 def test_hostile_tensors_in_a_live_session_are_refused(swarm) -> None:
