@@ -95,3 +95,11 @@ def test_a_plan_without_flow_is_returned_unchanged() -> None:
     empty = plan_from_placement(cluster, {A.id: (0, 1), C.id: (1, 2)}, method="t", solve_seconds=0.0)
     assert empty.objective_tokens_per_s == 0.0
     assert spread_plan(cluster, empty) is empty
+
+
+def test_a_graph_over_the_size_cap_keeps_the_max_flow_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    from helix_p2p.planner import spread
+
+    monkeypatch.setattr(spread, "MAX_EDGES", 2)  # this placement has 4 edges
+    before = plan_from_placement(CLUSTER, PLACEMENT, method="t", solve_seconds=0.0)
+    assert spread_plan(CLUSTER, before) is before
