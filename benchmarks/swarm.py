@@ -4,10 +4,14 @@ Starts standalone servers (`python -m helix_p2p.node.serve_cmd`), each holding t
 model so that a route can cut it anywhere, and a client in this process. Prints:
 
 1. The physical floor and hivemind's own cost: the round trip of a 64-byte message on a bare TCP
-   socket, and of one hivemind unary call to a server process (a tiny request it refuses at once).
+   socket, of one hivemind unary call to a server process (a tiny request it refuses at once), and
+   of the same request over the data plane's channel (a persistent libp2p stream, what hops and
+   clients use; `helix_p2p.protocol.transport`).
 2. Per-token decode latency through 1, 2, 3 and 4 hops, beside the same shard chain run in this
    process (no network): the difference, divided by the hops, is what the network path costs per
-   hop; its ratio to one unary call is the issue's target (within 2x).
+   hop; its ratio to one unary call is the issue's target (within 2x). Each hop count is measured
+   `--repeats` times, each beside its own unary RTT, and the medians are printed (a loaded machine
+   moves single runs by more than the cost measured).
 3. Decode throughput with 1, 8 and 32 concurrent sessions through 3 hops, beside the same sessions
    batched in one process: it should grow with concurrency, through the nodes' continuous batching.
 
@@ -37,7 +41,7 @@ from procs import Processes
 
 from helix_p2p.protocol import CloseSession, RouteHop
 from helix_p2p.protocol.driver import RemoteSession
-from helix_p2p.protocol.transport import call_peer
+from helix_p2p.protocol.transport import call_peer, unary_call
 from helix_p2p.protocol.wire import encode_request
 from helix_p2p.shard import LocalChain, ShardSpec, TinyModelSpec, load_shard, make_tiny_model
 
@@ -81,14 +85,16 @@ def tcp_rtt_s(rounds: int) -> float:
     return statistics.median(times)
 
 
-async def unary_rtt_s(client: LoopThread, server: Server, rounds: int) -> float:
-    """Median round trip of one hivemind unary call to a server process (a close of an unknown
-    session: decoded, refused, answered; no model work)."""
+async def unary_rtt_s(client: LoopThread, server: Server, rounds: int, *, channel: bool = False) -> float:
+    """Median round trip of one hivemind unary call (or, with `channel`, one call over the data
+    plane's channel) to a server process: a close of an unknown session, decoded, refused,
+    answered; no model work."""
     request = encode_request(CloseSession("no-such-session"))
+    call = call_peer if channel else unary_call
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        await call_peer(client.p2p, server.peer_id, request, 30)
+        await call(client.p2p, server.peer_id, request, 30)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -171,6 +177,7 @@ def main() -> int:
     parser.add_argument("--hops", default="1,2,3,4")
     parser.add_argument("--sessions", default="1,8,32")
     parser.add_argument("--rtt-rounds", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3, help="latency runs per hop count (medians)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads per process, here and in each server"
     )
@@ -200,14 +207,18 @@ def main() -> int:
             tcp = tcp_rtt_s(args.rtt_rounds)
             for server in servers:  # connect and warm every pair the routes use
                 client.run(unary_rtt_s(client, server, 5))
+                client.run(unary_rtt_s(client, server, 5, channel=True))
             unary = client.run(unary_rtt_s(client, servers[0], args.rtt_rounds))
+            channel = client.run(unary_rtt_s(client, servers[0], args.rtt_rounds, channel=True))
             print("\n## loopback round trips")
             print("| path | RTT ms |\n| --- | ---: |")
             print(f"| bare TCP socket, 64 B | {tcp * 1e3:.3f} |")
             print(f"| hivemind unary call to a server process | {unary * 1e3:.3f} |")
+            print(f"| data-plane channel call to a server process | {channel * 1e3:.3f} |")
 
             print(
-                f"\n## decode latency per token ({args.tokens} steps, medians; cost: median of paired differences)"
+                f"\n## decode latency per token ({args.tokens} steps, medians; cost: median of paired differences; "
+                f"medians of {args.repeats} runs, each ratio against a unary RTT measured just before it)"
             )
             print(
                 "| hops | network ms | one process ms | network cost ms | per hop ms | per hop / unary RTT |"
@@ -218,10 +229,15 @@ def main() -> int:
                 route = [RouteHop(s.peer_id, a, b) for s, (a, b) in zip(servers, ranges)]
                 chain = shards(ranges)
                 client.run(decode_latency_s(client, route, chain, 4))  # warm the hop-to-hop connections
-                remote, local, cost = client.run(decode_latency_s(client, route, chain, args.tokens))
+                runs = []
+                for _ in range(args.repeats):
+                    unary_now = client.run(unary_rtt_s(client, servers[0], args.rtt_rounds // 4))
+                    remote, local, cost = client.run(decode_latency_s(client, route, chain, args.tokens))
+                    runs.append((remote, local, cost, cost / hops / unary_now))
+                remote, local, cost, ratio = (statistics.median(r[i] for r in runs) for i in range(4))
                 per_hop = cost / hops
                 print(f"| {hops} | {remote * 1e3:.2f} | {local * 1e3:.2f} | {cost * 1e3:.2f} | "
-                      f"{per_hop * 1e3:.2f} | {per_hop / unary:.2f}x |")  # fmt: skip
+                      f"{per_hop * 1e3:.2f} | {ratio:.2f}x |")  # fmt: skip
 
             hops = min(3, max(hop_counts))
             ranges = split(args.layers, hops)
