@@ -1,7 +1,7 @@
 """Fuzzing the pure decoders and validators that read what strangers send: data-plane requests and
 replies (`protocol/wire.py`, `messages.py`), the limits and per-peer quota (`limits.py`), node and plan
-records, signed plans (`swarm/records.py`, `swarm/signing.py`) and the DHT record validator
-(`swarm/validator.py`).
+records, signed plans (`swarm/records.py`, `swarm/signing.py`), the DHT record validator
+(`swarm/validator.py`) and the reachability dial-back handler's request parsing.
 
 The property is the same everywhere: any input either decodes to a well-formed value or raises the
 module's named error (`MalformedMessageError`, `RecordError`, `LimitsError`); no other exception,
@@ -12,6 +12,7 @@ ones, which random bytes alone would not."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
@@ -20,8 +21,10 @@ import msgpack
 import pytest
 import torch
 from fuzz_strategies import DEEP, MSGPACK_VALUES, TENSORS, VALUES, matching_tensors, mutated
+from google.protobuf.wrappers_pb2 import BytesValue
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.validation import DHTRecord
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.timed_storage import get_dht_time
 from hypothesis import HealthCheck, given, settings
@@ -51,6 +54,7 @@ from helix_p2p.protocol.wire import MAX_METADATA_BYTES
 from helix_p2p.shard import SamplingParams
 from helix_p2p.swarm.identity import ephemeral_identity
 from helix_p2p.swarm.keys import plan_key, registry_key
+from helix_p2p.swarm.reachability import ReachServer
 from helix_p2p.swarm.records import (
     MAX_NODE_RECORD_BYTES,
     MAX_PLAN_RECORD_BYTES,
@@ -438,3 +442,26 @@ def test_non_finite_hidden_states_are_refused(bad: float) -> None:
     hidden[1, 3] = bad
     with pytest.raises(MalformedMessageError, match="NaN or infinite"):
         decode_request(encode_request(Step("s1", 0, hidden_states=hidden)), LIMITS)
+
+
+# --- the reachability dial-back handler ----------------------------------------------------------
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        DEEP.map(str.encode),
+        st.lists(st.one_of(st.text(max_size=60), VALUES), max_size=10).map(lambda v: json.dumps(v).encode()),
+    )
+)
+def test_reach_requests_get_a_verdict_or_a_refusal(body: bytes) -> None:
+    """Whatever a peer asks, the dial-back handler answers a JSON verdict (it dials only the asker's
+    own addresses, which random text never names)."""
+    server = ReachServer()
+    context = P2PContext(
+        handle_name="reach", local_id=PeerID.from_base58(PEERS[0]), remote_id=PeerID.from_base58(PEERS[1])
+    )
+    reply = asyncio.run(server._check(BytesValue(value=body), context))
+    verdict = json.loads(reply.value)
+    assert set(verdict) == {"reachable", "detail", "answered"} and verdict["reachable"] is False

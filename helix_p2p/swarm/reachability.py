@@ -79,7 +79,7 @@ class ReachServer:
             addrs = json.loads(request.value[:16384])
             if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
                 raise ValueError("expected a list of multiaddrs")
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep for the parser
             return _reply(ReachResult(False, f"bad request: {e}"))
         asker = context.remote_id.to_base58()
         now = time.monotonic()
