@@ -199,6 +199,8 @@ def _meta(raw: bytes, keys: set[str], what: str) -> dict[str, Any]:
         meta = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise MalformedMessageError(f"{what}: metadata is not JSON ({str(e)[:100]})") from None
+    except RecursionError:  # found by tests/test_fuzz_handlers.py
+        raise MalformedMessageError(f"{what}: metadata is nested too deeply") from None
     if not isinstance(meta, dict) or set(meta) != keys:
         got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         raise MalformedMessageError(f"{what}: metadata must have exactly the keys {sorted(keys)}, got {got}")
