@@ -1,7 +1,8 @@
 """Fuzzing the pure decoders and validators that read what strangers send: data-plane requests and
 replies (`protocol/wire.py`, `messages.py`), the limits and per-peer quota (`limits.py`), node and plan
 records, signed plans (`swarm/records.py`, `swarm/signing.py`), the DHT record validator
-(`swarm/validator.py`) and the reachability dial-back handler's request parsing.
+(`swarm/validator.py`), the reachability dial-back handler's request parsing, the forward call
+(`protocol/forward.py`), reports (`swarm/reports.py`) and a private swarm's seals and tags.
 
 The property is the same everywhere: any input either decodes to a well-formed value or raises the
 module's named error (`MalformedMessageError`, `RecordError`, `LimitsError`); no other exception,
@@ -49,6 +50,14 @@ from helix_p2p.protocol import (
     encode_reply,
     encode_request,
 )
+from helix_p2p.protocol.forward import (
+    Forward,
+    Forwarded,
+    decode_forward,
+    decode_forwarded,
+    encode_forward,
+    forwarded_message,
+)
 from helix_p2p.protocol.messages import sampling_from_fields
 from helix_p2p.protocol.wire import MAX_METADATA_BYTES
 from helix_p2p.shard import SamplingParams
@@ -66,7 +75,10 @@ from helix_p2p.swarm.records import (
     signed_plan_parts_from_wire,
     signed_plan_to_wire,
 )
+from helix_p2p.swarm.reports import Accusation, ReportRecord, report_from_wire, report_to_wire
+from helix_p2p.swarm.sealed_records import SealedRecordValidator
 from helix_p2p.swarm.signing import sign_plan, verify_plan
+from helix_p2p.swarm.swarm_key import SwarmAuthError, format_swarm_key, parse_swarm_key
 from helix_p2p.swarm.validator import SwarmRecordValidator, key_id
 
 FUZZ = settings(
@@ -465,3 +477,67 @@ def test_reach_requests_get_a_verdict_or_a_refusal(body: bytes) -> None:
     reply = asyncio.run(server._check(BytesValue(value=body), context))
     verdict = json.loads(reply.value)
     assert set(verdict) == {"reachable", "detail", "answered"} and verdict["reachable"] is False
+
+
+# --- the forward call, reports and the private swarm's seals ---------------------------------------
+
+
+FORWARD = Forward(2, 4, hidden_states=torch.randn(3, 8))
+
+
+@FUZZ
+@given(st.data())
+def test_forward_requests_mutated_or_random(data: st.DataObject) -> None:
+    base = runtime_pb2.ExpertRequest.FromString(encode_forward(FORWARD))
+    meta = json.loads(base.metadata)
+    metadata = data.draw(
+        st.one_of(st.just(json.dumps(mutated(meta, data.draw))), DEEP, st.text(max_size=40))
+    ).encode()
+    tensors = data.draw(
+        st.one_of(st.just(list(base.tensors)), st.lists(st.one_of(TENSORS, matching_tensors()), max_size=2))
+    )
+    request = runtime_pb2.ExpertRequest(uid="forward", metadata=metadata, tensors=tensors)
+    try:
+        decoded = decode_forward(request, LIMITS)
+    except MalformedMessageError:
+        return
+    assert isinstance(decoded, Forward)
+
+
+@FUZZ
+@given(st.data())
+def test_forward_replies_truncated_flipped_or_random(data: st.DataObject) -> None:
+    honest = forwarded_message(Forwarded(2, 4, torch.randn(3, 8), is_logits=False)).SerializeToString()
+    raw = bytearray(data.draw(st.one_of(st.just(honest), st.binary(max_size=200))))
+    if raw and data.draw(st.booleans()):
+        raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
+    raw = raw[: data.draw(st.integers(0, len(raw)))]
+    try:
+        reply = decode_forwarded(bytes(raw), FORWARD, 1 << 16)
+    except MalformedMessageError:
+        return
+    assert isinstance(reply, (Forwarded, Failure))
+
+
+REPORT_WIRE = report_to_wire(
+    ReportRecord(PEERS[0], "tiny-llama", (Accusation(PEERS[1], 1000.0, "wrong logits"),))
+)
+
+
+@FUZZ
+@given(st.data())
+def test_reports_mutated_or_random(data: st.DataObject) -> None:
+    value = data.draw(st.one_of(st.just(REPORT_WIRE), VALUES))
+    if isinstance(value, dict) and value:
+        value = mutated(value, data.draw)
+    record_or_error(report_from_wire, value)
+
+
+@FUZZ
+@given(st.binary(max_size=120), st.binary(max_size=40))
+def test_sealed_records_and_tags_refuse_what_they_cannot_open(value: bytes, subkey: bytes) -> None:
+    key = parse_swarm_key(format_swarm_key(bytes(range(32))))
+    record = DHTRecord(key=key_id("k"), subkey=subkey, value=value, expiration_time=get_dht_time() + 30)
+    assert SealedRecordValidator(key).validate(record) is False
+    with pytest.raises(SwarmAuthError):
+        key.open("/helix/data/1", "request", PEERS[0], PEERS[1], value)
