@@ -27,6 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_swarm_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--model-id", help="the model whose plan to show (default: the one most nodes serve)")
+    p.add_argument(
+        "--wait-s",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="first wait up to S seconds until every node in the plan serves its layers "
+        "(exit 1 if it does not happen); for scripts that generate next",
+    )
     p.set_defaults(func=run)
 
 
@@ -75,22 +83,56 @@ async def swarm_client(
 
 
 async def read_status(args: argparse.Namespace) -> dict:
-    from helix_p2p.swarm.status import swarm_status
+    from helix_p2p.swarm.status import plan_served, swarm_status
 
-    async with swarm_client(
-        args.initial_peers, args.swarm, args.connect_timeout_s, swarm_key_path=args.swarm_key
-    ) as dht:
-        records, plans = await dht.read()
-    return swarm_status(records, [p.record for p in plans], time.time(), args.model_id)
+    from helix_p2p.swarm.dht import SwarmConnectError
+
+    deadline = time.monotonic() + args.wait_s
+    while True:
+        try:
+            async with swarm_client(
+                args.initial_peers, args.swarm, args.connect_timeout_s, swarm_key_path=args.swarm_key
+            ) as dht:
+                while True:
+                    records, plans = await dht.read()
+                    doc = swarm_status(records, [p.record for p in plans], time.time(), args.model_id)
+                    served, account = plan_served(doc)
+                    if args.wait_s <= 0 or served:
+                        return doc
+                    if time.monotonic() >= deadline:
+                        raise StatusWaitTimeout(
+                            f"not every planned node was serving after {args.wait_s:g} s ({account})", doc
+                        )
+                    print(f"waiting: {account}", file=sys.stderr, flush=True)
+                    await asyncio.sleep(1.0)
+        except SwarmConnectError as e:
+            # A script may start the bootstrap and wait in one breath: waiting covers reaching it.
+            # A refusal (a private swarm, another key) is an answer, not a peer still starting.
+            unreachable = "bootstrap is running" in str(e)
+            if time.monotonic() >= deadline or not unreachable:
+                raise
+            print(f"waiting: {e}", file=sys.stderr, flush=True)
+            await asyncio.sleep(2.0)
+
+
+class StatusWaitTimeout(Exception):
+    def __init__(self, message: str, doc: dict) -> None:
+        super().__init__(message)
+        self.doc = doc
 
 
 def run(args: argparse.Namespace) -> int:
     from helix_p2p.swarm.status import format_status
 
-    doc = asyncio.run(read_status(args))
+    status = 0
+    try:
+        doc = asyncio.run(read_status(args))
+    except StatusWaitTimeout as e:
+        doc, status = e.doc, 1
+        print(f"helix status: {e}", file=sys.stderr)
     if args.json:
         json.dump({"nodes": doc["nodes"], "plan": doc["plan"], "model": doc["model"]}, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print(format_status(doc))
-    return 0
+    return status

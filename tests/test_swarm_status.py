@@ -43,3 +43,20 @@ def test_status_of_an_empty_swarm():
 def test_held_throughput_is_read_from_the_table():
     assert held_tokens_per_s(node("QmA", layers=(2, 4))) == 200.0
     assert held_tokens_per_s(node("QmA")) is None
+
+
+def test_plan_served_waits_for_every_planned_node_to_serve_its_own_layers():
+    from helix_p2p.swarm.status import plan_served
+
+    def node(peer, state, layers):
+        return {"peer_id": peer, "state": state, "layers": layers}
+
+    plan = {"epoch": 3, "placement": {"A": [0, 2], "B": [2, 4]}}
+    assert plan_served({"nodes": [node("A", "serving", [0, 2])], "plan": None}) == (False, "1 live node(s), no plan yet")
+    waiting = {"nodes": [node("A", "serving", [0, 2]), node("B", "loading", None)], "plan": plan}
+    assert plan_served(waiting) == (False, "plan epoch 3: 1/2 planned node(s) serving")
+    stale_layers = {"nodes": [node("A", "serving", [0, 2]), node("B", "serving", [2, 3])], "plan": plan}
+    assert plan_served(stale_layers)[0] is False
+    done = {"nodes": [node("A", "serving", [0, 2]), node("B", "serving", [2, 4]), node("C", "standby", None)], "plan": plan}
+    assert plan_served(done) == (True, "plan epoch 3: 2/2 planned node(s) serving")
+    assert plan_served({"nodes": [], "plan": {"epoch": 1, "placement": {}}})[0] is False

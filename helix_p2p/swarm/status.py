@@ -67,6 +67,22 @@ def swarm_status(
     }
 
 
+def plan_served(doc: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether every node the current plan gives layers serves exactly those layers now (what a
+    script waits for before its first request), with a one-line account of where it stands."""
+    plan = doc["plan"]
+    if plan is None:
+        return False, f"{len(doc['nodes'])} live node(s), no plan yet"
+    nodes = {n["peer_id"]: n for n in doc["nodes"]}
+    serving = [
+        peer
+        for peer, span in plan["placement"].items()
+        if peer in nodes and nodes[peer]["state"] == "serving" and nodes[peer]["layers"] == list(span)
+    ]
+    total = len(plan["placement"])
+    return len(serving) == total > 0, f"plan epoch {plan['epoch']}: {len(serving)}/{total} planned node(s) serving"
+
+
 def format_status(doc: Mapping[str, Any]) -> str:
     rows = [("NAME", "PEER", "GPU", "STATE", "LAYERS", "TOKENS/S", "FREE KV", "REACH")]
     for n in doc["nodes"]:
