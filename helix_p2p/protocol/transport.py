@@ -14,8 +14,9 @@ frame's body starts with a call id, and the reply frame answering it starts with
 replies may come back in any order (the receiver serves the calls of one channel concurrently). A
 unary call costs a new libp2p stream inside the daemon and several protobuf envelopes and task
 hops on each side; on loopback a channel's round trip is about a quarter of a unary call's, which
-is most of what a hop costs beyond its layers (`benchmarks/swarm.py`). A channel that breaks, or a
-call on it that times out, closes it; the next call opens a new one."""
+is most of what a hop costs beyond its layers (`benchmarks/swarm.py`). A channel that breaks (the
+peer or the connection ends it) is dropped and the next call opens a new one; a call that times out
+leaves it open, since the other calls on it may be fine."""
 
 from __future__ import annotations
 
@@ -88,7 +89,6 @@ async def exchange(
         peer = PeerID.from_base58(peer_id)
     except ValueError as e:
         raise MalformedMessageError(f"{peer_id!r} is not a peer id ({e})") from None
-    channel = None
     try:
         async with asyncio.timeout(timeout_s):
             if len(request) <= UNARY_MAX_BYTES and max_reply_bytes <= UNARY_MAX_BYTES:
@@ -106,8 +106,8 @@ async def exchange(
                     sealed = await read_frame(reader, max_reply_bytes + TAG_BYTES)
                     data = open_reply(p2p, STREAM_PROTOCOL, peer_id, sealed)
     except TimeoutError:
-        if channel is not None:  # a stalled peer: later calls open a fresh stream rather than queue here
-            channel.close(f"a call timed out after {timeout_s:g} s")
+        # The channel stays: other calls on it may be for routes that are fine (a stalled hop further
+        # down one session's route), and a dead connection ends its streams, which closes it.
         raise HopUnreachableError(f"peer {peer_id} did not answer within {timeout_s:g} s", peer_id) from None
     except (P2PDaemonError, P2PHandlerError, ConnectionError, asyncio.IncompleteReadError, OSError) as e:
         raise HopUnreachableError(f"call to peer {peer_id} failed: {str(e)[:300]}", peer_id) from None
@@ -148,6 +148,9 @@ class _Channel:
         except BaseException as e:
             self.broken = f"opening failed: {type(e).__name__}: {str(e)[:200]}"
             raise
+        if self.broken is not None:  # closed while opening
+            self._writer.close()
+            return
         self._reader_task = asyncio.create_task(self._read_replies(reader), name=f"channel to {peer}")
 
     async def call(self, payload: bytes) -> bytes:
