@@ -1,8 +1,9 @@
 """The data plane on a node: serving inference sessions for the layers it holds.
 
-`attach_data_plane(p2p, layers_provider, limits)` registers two handlers on the node's P2P instance
-(a unary one, and a stream one for messages over the 4 MiB unary cap; `helix_p2p.protocol.transport`)
-and returns the running `DataPlane`. For each message:
+`attach_data_plane(p2p, layers_provider, limits)` registers three handlers on the node's P2P instance
+(channels, the persistent streams every caller uses for messages up to 3 MiB; a stream per message
+for larger ones; and hivemind unary calls, still answered; `helix_p2p.protocol.transport`) and
+returns the running `DataPlane`. For each message:
 
 - open: check the route names this peer for layers it holds, take a session slot within the per-peer
   and node limits, reserve the KV cache on the shard (or answer busy, naming the KV budget), then
