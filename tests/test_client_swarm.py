@@ -352,9 +352,19 @@ def test_killing_every_replica_of_some_layers_gives_a_clear_error(swarm, client,
     now = time.time()
     first = [r for r in records.values() if r.is_live(now) and r.layers is not None and r.layers[0] == 0]
     assert first
-    for record in first:
-        proc = swarm.nodes[record.name]
-        if proc.alive():
+    # Every other node but one goes too: two survivors could hold the whole model, and the planner's
+    # takeover re-plan would heal the swarm within the client's route wait (the request is then
+    # served, as it should be); one node holds at most half of it.
+    survivor = next(
+        (
+            r.name
+            for r in records.values()
+            if r.is_live(now) and r not in first and swarm.nodes[r.name].alive()
+        ),
+        None,
+    )
+    for name, proc in swarm.nodes.items():
+        if name != survivor and proc.alive():
             swarm.procs.kill(proc)
     started = time.monotonic()
     with pytest.raises((NoRouteError, GenerationFailedError)) as failed:
