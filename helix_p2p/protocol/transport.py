@@ -13,8 +13,9 @@ pair, opened on the first call and kept for all later ones, carrying many calls 
 frame's body starts with a call id, and the reply frame answering it starts with the same id, so
 replies may come back in any order (the receiver serves the calls of one channel concurrently). A
 unary call costs a new libp2p stream inside the daemon and several protobuf envelopes and task
-hops on each side; on loopback a channel's round trip is about a quarter of a unary call's, which
-is most of what a hop costs beyond its layers (`benchmarks/swarm.py`). A channel that breaks (the
+hops on each side; on loopback a channel's round trip is half a unary call's or less (a bare echo:
+a quarter), and the call to the next hop is a large part of what a hop costs beyond its layers
+(`benchmarks/swarm.py`). A channel that breaks (the
 peer or the connection ends it) is dropped and the next call opens a new one; a call that times out
 leaves it open, since the other calls on it may be fine."""
 
