@@ -269,11 +269,29 @@ class SwarmObserver:
 
     def followed_plan(self, model_id: str):
         """The plan a node with this view follows: the newest from the elected planner, or None."""
+        return self._followed(model_id, *self.read())
+
+    @staticmethod
+    def _followed(model_id: str, records, plans):
         from helix_p2p.swarm.election import choose_plan, elect_planner
 
-        records, plans = self.read()
         elected = elect_planner(records, time.time(), model_id)
         return choose_plan([p.record for p in plans], elected, None, model_id)
+
+    def served_plan(self, model_id: str, *, min_placed: int = 1, names: set[str] | None = None):
+        """The followed plan once it places at least `min_placed` nodes (exactly the nodes named
+        `names`, when given) and every one of them serves exactly its planned layers; else None."""
+        records, plans = self.read()
+        plan = self._followed(model_id, records, plans)
+        if plan is None or len(plan.placement) < min_placed:
+            return None
+        if names is not None and {records[p].name for p in plan.placement if p in records} != names:
+            return None
+        for peer, span in plan.placement.items():
+            r = records.get(peer)
+            if r is None or r.layers != span or r.state.value != "serving":
+                return None
+        return plan
 
     def close(self) -> None:
         try:

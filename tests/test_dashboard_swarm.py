@@ -56,15 +56,7 @@ def state_of(base_url: str) -> dict:
 
 
 def _ready(observer: SwarmObserver):
-    plan = observer.followed_plan(MODEL_ID)
-    if plan is None or len(plan.placement) < len(TABLES):
-        return None
-    records, _ = observer.read()
-    for peer, span in plan.placement.items():
-        r = records.get(peer)
-        if r is None or r.layers != span or r.state.value != "serving":
-            return None
-    return plan
+    return observer.served_plan(MODEL_ID, min_placed=len(TABLES))
 
 
 @pytest.fixture(scope="module")

@@ -123,15 +123,7 @@ class Swarm:
 
 
 def _ready(s: Swarm):
-    plan = s.observer.followed_plan(MODEL_ID)
-    if plan is None or len(plan.placement) < len(TABLES):
-        return None
-    records, _ = s.observer.read()
-    for peer, span in plan.placement.items():
-        r = records.get(peer)
-        if r is None or r.layers != span or r.state.value != "serving":
-            return None
-    return plan
+    return s.observer.served_plan(MODEL_ID, min_placed=len(TABLES))
 
 
 @pytest.fixture(scope="module")

@@ -46,17 +46,7 @@ class Swarm:
 
 
 def _ready(swarm: Swarm, names: set[str]):
-    plan = swarm.observer.followed_plan(MODEL_ID)
-    if plan is None:
-        return None
-    records, _ = swarm.observer.read()
-    if {records[p].name for p in plan.placement if p in records} != names:
-        return None
-    for peer, span in plan.placement.items():
-        r = records.get(peer)
-        if r is None or r.layers != span or r.state.value != "serving":
-            return None
-    return plan
+    return swarm.observer.served_plan(MODEL_ID, names=names)
 
 
 @pytest.fixture(scope="module")
