@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from google.protobuf.message import DecodeError
@@ -28,7 +27,7 @@ from hivemind.proto import runtime_pb2
 from helix_p2p.protocol.errors import MalformedMessageError
 from helix_p2p.protocol.limits import DataPlaneLimits
 from helix_p2p.protocol.messages import HIDDEN_DTYPES, MAX_LAYERS, TOKEN_DTYPE, Failure, Reply
-from helix_p2p.protocol.wire import MAX_HIDDEN, VERSION, _serialize, decode_reply
+from helix_p2p.protocol.wire import MAX_HIDDEN, VERSION, _serialize, decode_reply, parse_metadata
 
 FORWARD_KIND = "forward"
 #: the widest vocabulary a logits reply may carry
@@ -124,7 +123,7 @@ def is_forward(request: runtime_pb2.ExpertRequest) -> bool:
 
 
 def decode_forward(request: runtime_pb2.ExpertRequest, limits: DataPlaneLimits) -> Forward:
-    meta = _meta(request.metadata, {"v", "layers", "token_ids"}, "forward")
+    meta = parse_metadata(request.metadata, {"v", "layers", "token_ids"}, "forward")
     layers, has_ids = meta["layers"], meta["token_ids"]
     if not (isinstance(layers, list) and len(layers) == 2 and all(type(x) is int for x in layers)):
         raise MalformedMessageError("forward: layers must be [start, end]")
@@ -165,7 +164,7 @@ def decode_forwarded(data: bytes, request: Forward, max_bytes: int) -> Forwarded
         if isinstance(reply, Failure):
             return reply
         raise MalformedMessageError(f"a forward was answered with {type(reply).__name__}")
-    meta = _meta(response.metadata, {"v", "kind", "layers", "output"}, "forward reply")
+    meta = parse_metadata(response.metadata, {"v", "kind", "layers", "output"}, "forward reply")
     if meta["kind"] != "forwarded" or meta["layers"] != [request.start, request.end]:
         raise MalformedMessageError(
             f"forward reply: expected layers [{request.start}, {request.end}), got {meta['layers']!r}"
@@ -192,25 +191,6 @@ def reply_bytes_bound(request: Forward, hidden_size: int, vocab_size: int) -> in
     """The most bytes an honest reply to `request` takes (fp32 at worst), plus envelope."""
     rows = max(request.num_tokens * hidden_size, vocab_size)
     return 4 * rows + 64 * 1024
-
-
-def _meta(raw: bytes, keys: set[str], what: str) -> dict[str, Any]:
-    try:
-        meta = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MalformedMessageError(f"{what}: metadata is not JSON ({str(e)[:100]})") from None
-    except RecursionError:  # found by tests/test_fuzz_handlers.py
-        raise MalformedMessageError(f"{what}: metadata is nested too deeply") from None
-    if not isinstance(meta, dict) or set(meta) != keys:
-        got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        raise MalformedMessageError(f"{what}: metadata must have exactly the keys {sorted(keys)}, got {got}")
-    if meta["v"] != VERSION:
-        raise MalformedMessageError(f"{what}: protocol version {meta['v']!r} (this peer speaks {VERSION})")
-    return meta
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number the protocol accepts")
 
 
 def _read_tensor(

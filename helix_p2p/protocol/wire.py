@@ -181,12 +181,18 @@ def _json(raw: bytes, keys: set[str], kind: str) -> dict[str, Any]:
         raise MalformedMessageError(
             f"{kind}: metadata of {len(raw)} bytes passes the {MAX_METADATA_BYTES}-byte limit"
         )
+    return parse_metadata(raw, keys, kind)
+
+
+def parse_metadata(raw: bytes, keys: set[str], kind: str) -> dict[str, Any]:
+    """A message's JSON metadata, with exactly `keys`, at this protocol version. The caller caps
+    its size (a forward call carries a whole prefix's token ids here, so its cap is its own)."""
     meta = _loads(raw, f"{kind}: metadata")
     if not isinstance(meta, dict) or set(meta) != keys:
         got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         raise MalformedMessageError(f"{kind}: metadata must have exactly the keys {sorted(keys)}, got {got}")
     if meta["v"] != VERSION:
-        raise MalformedMessageError(f"{kind}: protocol version {meta['v']!r} (this node speaks {VERSION})")
+        raise MalformedMessageError(f"{kind}: protocol version {meta['v']!r} (this peer speaks {VERSION})")
     return meta
 
 
