@@ -257,3 +257,42 @@ def test_sessions_stay_on_their_shard_when_the_node_switches(env: Env) -> None:
         await later.close()
 
     env.loop.run(scenario())
+
+
+def test_short_forwards_run_inline_and_long_prefills_on_a_thread(env: Env) -> None:
+    """A batch predicted (from the measured compute per token) to be shorter than the inline limit
+    runs on the event loop, with the same result as on the thread; a prefill predicted to be longer
+    goes to the worker thread, so it cannot stall the node's other calls. The limit is set relative to
+    what this machine measures, so the test does not depend on its speed."""
+    from helix_p2p.node.serving import _Batcher
+
+    from helix_p2p.shard import StepRequest
+
+    shard = load_shard(ShardSpec(str(env.model), 0, 2))
+
+    async def run() -> tuple[list[torch.Tensor], int, int, int]:
+        batcher = _Batcher(shard, max_batch_steps=4, inline_forward_s=60.0)
+        try:
+            shard.open_session("inline", 64)
+            outputs = [
+                (await batcher.submit(StepRequest("inline", token_ids=torch.tensor(ids(5, 1))))).hidden_states
+            ]
+            for token in ids(6, 2):
+                step = StepRequest("inline", token_ids=torch.tensor([token]))
+                outputs.append((await batcher.submit(step)).hidden_states)
+            after_decode = batcher.inline_forwards  # the first batch had no measurement to go by
+            batcher.inline_forward_s = 10 * batcher._s_per_token  # ten tokens' worth
+            shard.open_session("long", 200)
+            await batcher.submit(StepRequest("long", token_ids=torch.tensor(ids(100, 3))))
+            after_prefill = batcher.inline_forwards
+            await batcher.submit(StepRequest("long", token_ids=torch.tensor([5])))
+            return outputs, after_decode, after_prefill, batcher.inline_forwards
+        finally:
+            batcher.close()
+
+    outputs, after_decode, after_prefill, after_next = env.loop.run(run())
+    assert (after_decode, after_prefill, after_next) == (6, 6, 7)
+    expected = load_shard(ShardSpec(str(env.model), 0, 2))
+    expected.open_session("whole", 64)
+    whole = expected.step(StepRequest("whole", token_ids=torch.tensor(ids(5, 1) + ids(6, 2)))).hidden_states
+    assert torch.allclose(torch.cat(outputs), whole, atol=1e-5)
