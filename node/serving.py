@@ -155,33 +155,18 @@ class _InFlight:
         self.num_bytes = 0
 
 
-#: a batch whose forward is predicted to take less than this runs on the event loop itself: handing
-#: it to a worker thread and back costs 0.3-1 ms on every hop of every step (most of a hop's cost
-#: beyond its layers, measured in benchmarks/swarm.py), while a forward this short holds up the
-#: node's other calls for no longer than a few such hand-offs
-INLINE_FORWARD_S = 0.005
-
-
 class _Batcher:
     """Continuous batching for one shard: whatever steps are queued when a forward ends go into the
-    next one together (up to `max_batch_steps`). Forwards run on a worker thread, or inline when the
-    batch's predicted compute is short (`INLINE_FORWARD_S`)."""
+    next one together (up to `max_batch_steps`)."""
 
-    def __init__(
-        self, shard: Shard, max_batch_steps: int, inline_forward_s: float = INLINE_FORWARD_S
-    ) -> None:
+    def __init__(self, shard: Shard, max_batch_steps: int) -> None:
         self.shard = shard
         self.max_batch_steps = max_batch_steps
-        self.inline_forward_s = inline_forward_s
         self._queue: deque[tuple[StepRequest, asyncio.Future[StepResult]]] = deque()
         self._ready = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"batcher [{shard.start}, {shard.end})")
         self.forwards = 0
         self.steps = 0
-        self.inline_forwards = 0
-        #: smoothed compute seconds per token of a batch (measured where it runs, without hand-offs),
-        #: which predicts the next batch's time from its size (a long prefill goes to the thread)
-        self._s_per_token: float | None = None
 
     async def submit(self, request: StepRequest) -> StepResult:
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
@@ -207,14 +192,8 @@ class _Batcher:
                         batch.append(item)
                 if not batch:
                     continue
-                requests = [r for r, _ in batch]
                 try:
-                    tokens = sum(r.num_tokens for r in requests)
-                    if self._s_per_token is not None and self._s_per_token * tokens < self.inline_forward_s:
-                        self.inline_forwards += 1
-                        outcomes = self._run_batch(requests)
-                    else:
-                        outcomes = await asyncio.to_thread(self._run_batch, requests)
+                    outcomes = await asyncio.to_thread(self._run_batch, [r for r, _ in batch])
                 except Exception as e:  # a device error: fail this batch, keep serving
                     logger.exception("a batched forward of %d steps failed", len(batch))
                     outcomes = [e] * len(batch)
@@ -230,15 +209,6 @@ class _Batcher:
 
     def _run_batch(self, requests: list[StepRequest]) -> list[StepResult | ShardError]:
         """Run the valid requests as one batch; a bad one gets its own error and does not stop the rest."""
-        started = time.perf_counter()
-        try:
-            return self._run_valid(requests)
-        finally:
-            per_token = (time.perf_counter() - started) / max(1, sum(r.num_tokens for r in requests))
-            old = self._s_per_token
-            self._s_per_token = per_token if old is None else 0.8 * old + 0.2 * per_token
-
-    def _run_valid(self, requests: list[StepRequest]) -> list[StepResult | ShardError]:
         outcomes: list[StepResult | ShardError | None] = [None] * len(requests)
         good = []
         for i, request in enumerate(requests):
