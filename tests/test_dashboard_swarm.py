@@ -106,7 +106,11 @@ def test_api_state_shows_nodes_plan_flows_and_rates(swarm, gateway) -> None:
     def settled():
         state = state_of(swarm.dashboard_url)
         plan = state["plan"]
-        return state if plan and plan["epoch"] >= swarm.plan_epoch and state["tokens_per_s"] > 0 else None
+        # counters reach the page with each node's next record refresh: wait for both requests' own
+        counted = sum(n["requests_started"] for n in state["nodes"]) >= 2
+        counted = counted and sum(n["tokens_generated"] for n in state["nodes"]) >= 2
+        fresh = plan and plan["epoch"] >= swarm.plan_epoch and state["tokens_per_s"] > 0
+        return state if fresh and counted else None
 
     state = wait_for(settled, 30, "the bootstrap's page to show the plan and a token rate",
                      describe=lambda: json.dumps(state_of(swarm.dashboard_url))[:2000])  # fmt: skip
