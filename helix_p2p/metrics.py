@@ -99,7 +99,9 @@ class _Family:
         raise NotImplementedError
 
     def _samples(self) -> Iterable[str]:
-        raise NotImplementedError
+        """One line per child: right for counters and gauges; histograms write their buckets."""
+        for key, child in sorted(self._children.items()):
+            yield f"{self.name}{_labels_text(self.labelnames, key)} {_format_value(child.value)}"
 
     def render(self) -> str:
         head = [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
@@ -130,10 +132,6 @@ class Counter(_Family):
     @property
     def value(self) -> float:
         return self._default().value
-
-    def _samples(self) -> Iterable[str]:
-        for key, child in sorted(self._children.items()):
-            yield f"{self.name}{_labels_text(self.labelnames, key)} {_format_value(child.value)}"
 
 
 class _GaugeChild:
@@ -183,10 +181,6 @@ class Gauge(_Family):
     @property
     def value(self) -> float:
         return self._default().value
-
-    def _samples(self) -> Iterable[str]:
-        for key, child in sorted(self._children.items()):
-            yield f"{self.name}{_labels_text(self.labelnames, key)} {_format_value(child.value)}"
 
 
 class _HistogramChild:
