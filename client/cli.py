@@ -89,10 +89,9 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+def _open_client(args: argparse.Namespace, p2p_host: str):
+    """The HelixClient both commands build from the shared swarm and failover flags."""
     from helix_p2p.client.client import ClientOptions, HelixClient
-    from helix_p2p.client.gateway import Gateway
 
     options = ClientOptions(
         step_timeout_s=args.step_timeout_s,
@@ -100,16 +99,25 @@ def run_serve(args: argparse.Namespace) -> int:
         connect_timeout_s=args.connect_timeout_s,
         verify_rate=args.verify_rate,
         ban_min_reporters=args.ban_min_reporters,
-        host="127.0.0.1" if args.host in ("127.0.0.1", "localhost") else "0.0.0.0",
+        host=p2p_host,
     )
-    with HelixClient(
+    return HelixClient(
         args.initial_peers,
         model=args.model,
         swarm=args.swarm,
         model_id=args.model_id,
         options=options,
         swarm_key=args.swarm_key,
-    ) as client:
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+    from helix_p2p.client.gateway import Gateway
+
+    # the gateway's own p2p daemon listens where its HTTP side does: loopback stays loopback
+    p2p_host = "127.0.0.1" if args.host in ("127.0.0.1", "localhost") else "0.0.0.0"
+    with _open_client(args, p2p_host) as client:
         print(f"serving {client.model_id} at http://{args.host}:{args.port}/v1", flush=True)
         print(f"status page at http://{args.host}:{args.port}/ (metrics at /metrics)", flush=True)
         web.run_app(Gateway(client).app(), host=args.host, port=args.port, print=None)
@@ -117,24 +125,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from helix_p2p.client.client import ClientOptions, HelixClient
 
-    options = ClientOptions(
-        step_timeout_s=args.step_timeout_s,
-        max_failovers=args.max_failovers,
-        connect_timeout_s=args.connect_timeout_s,
-        verify_rate=args.verify_rate,
-        ban_min_reporters=args.ban_min_reporters,
-        host=args.host,
-    )
-    with HelixClient(
-        args.initial_peers,
-        model=args.model,
-        swarm=args.swarm,
-        model_id=args.model_id,
-        options=options,
-        swarm_key=args.swarm_key,
-    ) as client:
+    with _open_client(args, args.host) as client:
         params = {
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
