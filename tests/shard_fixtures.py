@@ -75,6 +75,23 @@ def whole_model(path: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def whole_model_greedy(path: Path | str, text: str, max_new_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, the whole model's greedy continuation stopping at eos): what a swarm must match."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer.encode(text)
+    out = whole_model(Path(path)).generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    return ids, out[0, len(ids) :].tolist()
+
+
 def prompt(length: int, seed: int, vocab: int = 320) -> torch.Tensor:
     """Random token ids (beyond the 3 special tokens) of one prompt."""
     return torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(seed))

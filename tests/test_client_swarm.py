@@ -109,21 +109,9 @@ def client(swarm):
 @pytest.fixture(scope="module")
 def expected(swarm) -> tuple[list[int], list[int]]:
     """(prompt ids, whole-model greedy continuation of LONG_TOKENS tokens, stopping at eos)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from shard_fixtures import whole_model_greedy
 
-    tokenizer = AutoTokenizer.from_pretrained(swarm.model)
-    ids = tokenizer.encode(PROMPT)
-    whole = AutoModelForCausalLM.from_pretrained(swarm.model, dtype=torch.float32).eval()
-    out = whole.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=LONG_TOKENS,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    return ids, out[0, len(ids) :].tolist()
+    return whole_model_greedy(swarm.model, PROMPT, LONG_TOKENS)
 
 
 def test_greedy_generation_equals_the_whole_model(client, expected) -> None:

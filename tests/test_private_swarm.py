@@ -157,21 +157,15 @@ def swarm(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_client_with_the_key_generates_as_the_whole_model(swarm) -> None:
-    import torch
     from helix_p2p.client import ClientOptions, HelixClient
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from shard_fixtures import whole_model_greedy
 
-    tokenizer = AutoTokenizer.from_pretrained(swarm.model)
-    ids = tokenizer.encode(PROMPT)
-    whole = AutoModelForCausalLM.from_pretrained(swarm.model, dtype=torch.float32).eval()
-    out = whole.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    ids, whole = whole_model_greedy(swarm.model, PROMPT, 6)
     options = ClientOptions(step_timeout_s=20, route_wait_s=15)
     with HelixClient(swarm.maddrs, model=str(swarm.model), options=options, swarm_key=swarm.key) as client:
         result = client.generate(PROMPT, max_new_tokens=6)
     assert result.prompt_token_ids == ids
-    assert result.token_ids == out[0, len(ids) :].tolist()
+    assert result.token_ids == whole
     assert result.route[0]["start"] == 0 and result.route[-1]["end"] == NUM_LAYERS
 
 

@@ -22,7 +22,7 @@ import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TAG_RE = re.compile(r"<!--\s*readme-test:\s*(?P<tag>[\w-]+)\s*(?P<why>\(.*\))?\s*-->")
-BLOCK_RE = re.compile(r"^```(?P<lang>\w*)\n(?P<body>.*?)^```", re.M | re.S)
+BLOCK_RE = re.compile(r"^```(?P<lang>\w*)\n(?P<body>.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def readme_blocks() -> list[tuple[str, str, str]]:
@@ -135,7 +135,7 @@ def test_swarm_story_runs_as_written(tmp_path):
     assert re.search(r"plan: epoch \d+ by", out), "helix status shows the plan"
     assert '"object": "text_completion"' in out or '"object":"text_completion"' in out
     assert '"nodes"' in out  # /api/state
-    assert re.search(r"^helix_\w+", out, re.M), "a node's Prometheus metrics"
+    assert re.search(r"^helix_\w+", out, re.MULTILINE), "a node's Prometheus metrics"
     assert "refused without the key, as it should be" in out
     assert "tokens_per_s" in out  # helix profile's table
     assert "Traceback" not in out, textwrap.shorten(out[out.index("Traceback") :], 3000)

@@ -83,21 +83,9 @@ def swarm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(swarm) -> list[int]:
     """The whole model's greedy continuation of PROMPT."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from shard_fixtures import whole_model_greedy
 
-    tokenizer = AutoTokenizer.from_pretrained(swarm.model)
-    ids = tokenizer.encode(PROMPT)
-    whole = AutoModelForCausalLM.from_pretrained(swarm.model, dtype=torch.float32).eval()
-    out = whole.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    tokens = out[0, len(ids) :].tolist()
+    _, tokens = whole_model_greedy(swarm.model, PROMPT, NEW_TOKENS)
     assert len(set(tokens)) >= 4, f"a continuation that tells tokens apart: {tokens}"
     return tokens
 
