@@ -58,5 +58,16 @@ class PlacementRecord:
     reported: float | None = None
 
 
+def moved_layers(old: Mapping[str, tuple[int, int]], new: Mapping[str, tuple[int, int]]) -> int:
+    """How many (node, layer) pairs `new` assigns that `old` did not: the layers nodes must load
+    to follow it (all of a range for a node that held nothing)."""
+    total = 0
+    for node, (start, end) in new.items():
+        previous = old.get(node)
+        overlap = 0 if previous is None else max(0, min(end, previous[1]) - max(start, previous[0]))
+        total += (end - start) - overlap
+    return total
+
+
 class PlanError(HelixError):
     """A planner cannot produce a plan for this input (e.g. the cluster cannot hold the model)."""

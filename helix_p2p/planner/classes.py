@@ -6,6 +6,7 @@ of 3 types have 4! * 8! * 12! equivalent labelings of every placement)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from helix_p2p.cluster import Cluster, NodeId
@@ -53,13 +54,21 @@ def node_classes(cluster: Cluster) -> list[NodeClass]:
         k_max = min(node.max_layers, num_layers)
         table = tuple(node.capacity_tokens_per_s(k, act) for k in range(1, k_max + 1))
         own[node.id] = (table, cluster.source_tokens_per_s(node.id), cluster.sink_tokens_per_s(node.id))
+    # What a node can carry caps every figure below, so figures above it are equal for the model
+    # (source and sink enter only as min(capacity, .)): noisy measurements of fast links must not
+    # split a class, which would multiply the model's size and its equal optima.
+    best = {i: max(table, default=0.0) for i, (table, _, _) in own.items()}
+    alike = {i: (table, min(src, best[i]), min(snk, best[i])) for i, (table, src, snk) in own.items()}
     ids = [node.id for node in cluster.nodes]
     out_links: dict[NodeId, dict[NodeId, float]] = {i: {} for i in ids}
     in_links: dict[NodeId, dict[NodeId, float]] = {i: {} for i in ids}
     for link in cluster.links:
-        out_links[link.src][link.dst] = link.bytes_per_s
-        in_links[link.dst][link.src] = link.bytes_per_s
-    colour = _relabel({i: own[i] for i in ids})
+        # A link at least as fast as the slower end's best capacity never binds (ClassLink.free).
+        fast = link.bytes_per_s / act >= min(best[link.src], best[link.dst])
+        speed = math.inf if fast else link.bytes_per_s
+        out_links[link.src][link.dst] = speed
+        in_links[link.dst][link.src] = speed
+    colour = _relabel({i: alike[i] for i in ids})
     while True:
         signature = {}
         for i in ids:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from helix_p2p.cluster import Cluster, NodeId
 from helix_p2p.flow import max_flow
-from helix_p2p.plan import Placement, Plan, PlanError
+from helix_p2p.plan import Placement, Plan, PlanError, moved_layers
 
 #: MILP solvers (OR-Tools MathOpt backends), the default first. HiGHS is the default: on the
 #: bundled and synthetic clusters all three reach the same flows and bounds, but on 160 small
@@ -44,6 +44,13 @@ class PlanOptions:
     #: re-choose the edge flows (same total) so that parallel replicas share it (spread.py):
     #: IWRR weighs the plan's edge flows, and a replica a max flow leaves at zero is never used
     spread_flows: bool = True
+    #: with a previous plan, the MILP accepts up to this relative loss of flow (0.02 = 2 %) against
+    #: the best placement it found for one that moves fewer layers (stability.py: loading weights
+    #: is slow, and near-equal optima abound); None takes the best flow found as it is
+    keep_layers_tolerance: float | None = 0.02
+    #: MILP: among the max-flow placement and shallower ones, publish the one of largest flow per
+    #: hop, the flow that can actually be served (servable.py); False publishes the max flow's
+    servable: bool = True
 
 
 def plan_from_placement(
@@ -91,11 +98,14 @@ def plan(cluster: Cluster, options: PlanOptions | None = None, previous: Plan | 
     method = METHODS.get(options.method)
     if method is None:
         raise PlanError(f"unknown planning method {options.method!r}; choose one of {', '.join(METHODS)}")
+    tolerance = options.keep_layers_tolerance
+    if tolerance is not None and not 0.0 <= tolerance < 1.0:
+        raise PlanError(f"keep_layers_tolerance must be in [0, 1) or None, not {tolerance!r}")
     check_can_hold_model(cluster)
     started = time.monotonic()
     result = method(cluster, options, previous)
     if isinstance(result, Plan):
-        return _spread(cluster, options, result)
+        return _with_moved_layers(_spread(cluster, options, result), previous)
     placement, bound, details = result
     # Petals routes a request to any server holding the next layer it needs, which is exactly the
     # partial-inference edge rule; scoring its placement without it would misrepresent Petals.
@@ -109,7 +119,16 @@ def plan(cluster: Cluster, options: PlanOptions | None = None, previous: Plan | 
         partial_inference=partial,
         details=details,
     )
-    return _spread(cluster, options, scored)
+    return _with_moved_layers(_spread(cluster, options, scored), previous)
+
+
+def _with_moved_layers(result: Plan, previous: Plan | None) -> Plan:
+    """Records in `details["moved_layers"]` how many layers nodes must load to follow `result`
+    from `previous` (what decides whether a re-plan is worth adopting)."""
+    if previous is None:
+        return result
+    moved = moved_layers(previous.placement, result.placement)
+    return replace(result, details={**result.details, "moved_layers": moved})
 
 
 def _spread(cluster: Cluster, options: PlanOptions, result: Plan) -> Plan:

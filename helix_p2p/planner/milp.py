@@ -69,6 +69,7 @@ from helix_p2p.planner.classes import (
     split_for_exactness,
 )
 from helix_p2p.planner.core import BACKEND_NAMES, PlanOptions, Progress, plan_from_placement
+from helix_p2p.planner.stability import keep_previous_layers, stage_reserve_s
 
 _SOLVERS = {
     "scip": mathopt.SolverType.GSCIP,
@@ -431,6 +432,8 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     backend = options.backend
     classes, links = split_for_exactness(cluster, node_classes(cluster), EXACT_SPLIT_MAX_NODES)
     previous_placement = dict(previous.placement) if previous else None
+    # the search stops early enough to leave the keep-layers stage its share (stability.py)
+    search_deadline = deadline - stage_reserve_s(options, previous_placement)
     best = best_heuristic_placement(cluster, options, previous)
     lo = max_flow(cluster, best).value_tokens_per_s
     hi = counting_bound(classes, cluster.model.num_layers, cluster.compute_upper_bound_tokens_per_s())
@@ -445,7 +448,8 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     # the worst overrun seen so far is kept back from every later budget.
     overrun_s = 0.0
     while (
-        hi - lo > max(tolerance * hi, 1e-9) and (remaining := deadline - time.monotonic()) > 1.0 + overrun_s
+        hi - lo > max(tolerance * hi, 1e-9)
+        and (remaining := search_deadline - time.monotonic()) > 1.0 + overrun_s
     ):
         improving = target is None
         # any positive flow beats none: with nothing found yet, ask for a sliver of the bound
@@ -494,10 +498,22 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             # Neither found nor refuted in time: probe nearer the bound, where refuting is easier.
             target = (lo + hi) / 2 if improving else (probe + hi) / 2
     hi = max(hi, lo)
+    keep_layers: dict[str, object] = {}
     if previous_placement:
-        # Members of a class are interchangeable: give each range to a node that held it before,
-        # whichever method found the placement, so re-planning moves as few layers as it can.
-        best = counts_to_placement(classes, placement_to_counts(classes, best), previous_placement)
+        # Among placements of nearly the best flow, publish one that moves few layers; at least,
+        # give each class's ranges to the members that held the most of them (stability.py).
+        stage = keep_previous_layers(
+            cluster,
+            classes,
+            links,
+            best,
+            previous_placement,
+            options,
+            deadline,
+            _search_mode(cluster, classes, best, links),
+            backend,
+        )
+        best, keep_layers = stage.placement, stage.details
     tracker.report(lo, hi, "done")
     bound: float | None = hi
     if options.partial_inference:
@@ -515,6 +531,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         "blocks": len(free_blocks(classes, links)),
         "warm_start_tokens_per_s": warm_flow,
         "source_of_best": origin,
+        "keep_layers": keep_layers,
         "solves": [
             {
                 "target": a.target,

@@ -17,7 +17,7 @@ from typing import Any
 
 from helix_p2p.cluster import SINK, SOURCE, NodeId
 from helix_p2p.errors import HelixError
-from helix_p2p.plan import EdgeFlow
+from helix_p2p.plan import EdgeFlow, moved_layers
 
 NODE_FORMAT = "helix-node/1"
 PLAN_FORMAT = "helix-swarm-plan/1"
@@ -165,18 +165,6 @@ class SignedPlan:
     body: bytes
     public_key: bytes
     signature: bytes = field(repr=False)
-
-
-def moved_layers(old: Mapping[str, tuple[int, int]], new: Mapping[str, tuple[int, int]]) -> int:
-    total = 0
-    for node, (start, end) in new.items():
-        previous = old.get(node)
-        if previous is None:
-            total += end - start
-        else:
-            overlap = max(0, min(end, previous[1]) - max(start, previous[0]))
-            total += (end - start) - overlap
-    return total
 
 
 # ------------------------------------------------------------------------------------ strict reading
