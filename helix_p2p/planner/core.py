@@ -48,9 +48,6 @@ class PlanOptions:
     #: the best placement it found for one that moves fewer layers (stability.py: loading weights
     #: is slow, and near-equal optima abound); None takes the best flow found as it is
     keep_layers_tolerance: float | None = 0.02
-    #: MILP: among the max-flow placement and shallower ones, publish the one of largest flow per
-    #: hop, the flow that can actually be served (servable.py); False publishes the max flow's
-    servable: bool = True
 
 
 def plan_from_placement(
