@@ -99,6 +99,7 @@ from helix_p2p.shard import (
 )
 from helix_p2p.swarm.swarm_key import TAG_BYTES, SwarmAuthError, open_request, seal_reply
 
+from .forward_worker import ForwardWorker
 from .metrics import NodeMetrics
 
 logger = logging.getLogger(__name__)
@@ -155,18 +156,45 @@ class _InFlight:
         self.num_bytes = 0
 
 
+#: a decode batch predicted to take less than this runs on the event loop itself, when it holds every
+#: call the node is serving (nothing else of the data plane waits on the loop meanwhile): a hand-off
+#: to the worker thread and back costs 0.1-1 ms on every hop of every step (two thread wake-ups, on
+#: a loaded machine more), a large part of what a hop costs beyond its layers (`benchmarks/swarm.py`).
+#: The cap bounds how long the loop's other work (control-plane probes, announces) can be held up:
+#: at most one such forward per turn of the loop.
+INLINE_FORWARD_S = 0.005
+#: weight of the newest measurement in the smoothed seconds per decode step
+_EMA_WEIGHT = 0.2
+
+
 class _Batcher:
     """Continuous batching for one shard: whatever steps are queued when a forward ends go into the
-    next one together (up to `max_batch_steps`)."""
+    next one together (up to `max_batch_steps`). Forwards run on the shard's worker thread, so the
+    loop goes on receiving and forwarding meanwhile; or inline, when the batch is short decode steps
+    and nothing else is being served (`INLINE_FORWARD_S`). `calls_in_progress()` is the number of
+    calls the node is serving now (this batch's among them)."""
 
-    def __init__(self, shard: Shard, max_batch_steps: int) -> None:
+    def __init__(
+        self,
+        shard: Shard,
+        max_batch_steps: int,
+        calls_in_progress: Callable[[], int],
+        inline_forward_s: float = INLINE_FORWARD_S,
+    ) -> None:
         self.shard = shard
         self.max_batch_steps = max_batch_steps
+        self.calls_in_progress = calls_in_progress
+        self.inline_forward_s = inline_forward_s
         self._queue: deque[tuple[StepRequest, asyncio.Future[StepResult]]] = deque()
         self._ready = asyncio.Event()
+        self._worker = ForwardWorker(f"forwards [{shard.start}, {shard.end})")
         self._task = asyncio.create_task(self._run(), name=f"batcher [{shard.start}, {shard.end})")
         self.forwards = 0
         self.steps = 0
+        self.inline_forwards = 0
+        #: smoothed compute seconds per step of decode-only batches (one token each), measured
+        #: around the forward wherever it ran; None until the first
+        self.decode_s_per_step: float | None = None
 
     async def submit(self, request: StepRequest) -> StepResult:
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
@@ -176,9 +204,19 @@ class _Batcher:
 
     def close(self) -> None:
         self._task.cancel()
+        self._worker.close()
         for _, future in self._queue:
             future.cancel()
         self._queue.clear()
+
+    def runs_inline(self, requests: Sequence[StepRequest]) -> bool:
+        """Decode steps only (a prefill's cost is not predicted from them: it goes to the thread),
+        predicted under the cap, and no other call of the node's waiting on the loop."""
+        if self.decode_s_per_step is None or any(r.num_tokens != 1 for r in requests):
+            return False
+        if self.calls_in_progress() > len(requests):
+            return False
+        return self.decode_s_per_step * len(requests) < self.inline_forward_s
 
     async def _run(self) -> None:
         while True:
@@ -192,8 +230,13 @@ class _Batcher:
                         batch.append(item)
                 if not batch:
                     continue
+                requests = [r for r, _ in batch]
                 try:
-                    outcomes = await asyncio.to_thread(self._run_batch, [r for r, _ in batch])
+                    if self.runs_inline(requests):
+                        self.inline_forwards += 1
+                        outcomes = self._run_batch(requests)
+                    else:
+                        outcomes = await self._worker.run(self._run_batch, requests)
                 except Exception as e:  # a device error: fail this batch, keep serving
                     logger.exception("a batched forward of %d steps failed", len(batch))
                     outcomes = [e] * len(batch)
@@ -208,7 +251,19 @@ class _Batcher:
                         future.set_result(outcome)
 
     def _run_batch(self, requests: list[StepRequest]) -> list[StepResult | ShardError]:
-        """Run the valid requests as one batch; a bad one gets its own error and does not stop the rest."""
+        """Run the valid requests as one batch; a bad one gets its own error and does not stop the
+        rest. A decode-only batch's time updates `decode_s_per_step`."""
+        started = time.perf_counter()
+        outcomes = self._run_valid(requests)
+        if all(r.num_tokens == 1 for r in requests):
+            s_per_step = (time.perf_counter() - started) / len(requests)
+            old = self.decode_s_per_step
+            self.decode_s_per_step = (
+                s_per_step if old is None else (1 - _EMA_WEIGHT) * old + _EMA_WEIGHT * s_per_step
+            )
+        return outcomes
+
+    def _run_valid(self, requests: list[StepRequest]) -> list[StepResult | ShardError]:
         outcomes: list[StepResult | ShardError | None] = [None] * len(requests)
         good = []
         for i, request in enumerate(requests):
@@ -253,6 +308,8 @@ class DataPlane:
         self.quota = PeerQuota(limits)
         self._sessions: dict[str, _Served] = {}
         self._batchers: dict[Shard, _Batcher] = {}
+        #: calls being served now, of every kind (a batch that holds them all may run inline)
+        self._calls_in_progress = 0
         self._reaper: asyncio.Task | None = None
         #: tests only (`--test-perturb-outputs`): a lying node, for the verification tests
         self.perturb_scale = perturb_scale
@@ -411,6 +468,7 @@ class DataPlane:
 
     async def _serve(self, decode: Callable[[], Request], peer: str) -> Reply:
         kind = "request"
+        self._calls_in_progress += 1
         try:
             message = decode()
             kind = type(message).__name__
@@ -429,10 +487,13 @@ class DataPlane:
             return Failure(
                 ErrorCode.INTERNAL, f"peer {self.peer_id} failed: {type(e).__name__}: {e}", self.peer_id
             )
+        finally:
+            self._calls_in_progress -= 1
 
     # ---------------------------------------------------------------------------- forward
 
     async def _serve_forward(self, decode: Callable[[], Forward], peer: str) -> runtime_pb2.ExpertResponse:
+        self._calls_in_progress += 1
         try:
             return forwarded_message(await self._forward(decode(), peer))
         except DataPlaneError as e:
@@ -445,6 +506,8 @@ class DataPlane:
                     ErrorCode.INTERNAL, f"peer {self.peer_id} failed: {type(e).__name__}: {e}", self.peer_id
                 )
             )
+        finally:
+            self._calls_in_progress -= 1
 
     async def _forward(self, message: Forward, peer: str) -> Forwarded:
         """Run the layers over the whole prefix in a throw-away session (a verifying client's
@@ -650,7 +713,9 @@ class DataPlane:
     def _batcher(self, shard: Shard) -> _Batcher:
         batcher = self._batchers.get(shard)
         if batcher is None:
-            batcher = self._batchers[shard] = _Batcher(shard, self.limits.max_batch_steps)
+            batcher = self._batchers[shard] = _Batcher(
+                shard, self.limits.max_batch_steps, lambda: self._calls_in_progress
+            )
         return batcher
 
     def _translate(self, error: ShardError, layers: tuple[int, int]) -> DataPlaneError:
