@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ortools.graph.python import linear_sum_assignment
 from ortools.math_opt.python import mathopt
@@ -51,6 +53,9 @@ from helix_p2p.flow import max_flow
 from helix_p2p.plan import Placement, moved_layers
 from helix_p2p.planner.classes import ClassLink, NodeClass
 from helix_p2p.planner.core import PlanOptions
+
+if TYPE_CHECKING:
+    from helix_p2p.planner.milp import ClassModel
 
 log = logging.getLogger(__name__)
 
@@ -146,25 +151,21 @@ def keep_previous_layers(
         # Following the previous plan is within the tolerance: nothing needs to move.
         best, best_moved, origin = kept, 0, "previous plan"
     terminations = []
-    # Two searches, each from the best so far: first with every previous holder kept on its
-    # range (only newcomers and idle nodes placed: small and fast), then with all nodes free.
+    stage = _build_stage(cluster, classes, links, previous, floor, deadline, mode, min_layers)
+    # Two searches in one model, each from the best so far: first with every previous holder kept
+    # on its range (only newcomers and idle nodes placed: small and fast), then all nodes free.
     for holders_stay, share in ((True, 0.4), (False, 1.0)):
-        if best_moved == 0 or (left_s := deadline - time.monotonic()) < MIN_STAGE_S:
+        if stage is None or best_moved == 0 or (left_s := deadline - time.monotonic()) < MIN_STAGE_S:
             break
         counts, termination = _solve_stage(
+            stage,
             cluster,
-            classes,
-            links,
             best,
-            previous,
-            floor,
             best_moved - 1,
             options,
             time.monotonic() + share * left_s,
-            mode,
             backend,
             holders_stay=holders_stay,
-            min_layers=min_layers,
         )
         terminations.append(termination)
         if counts is None:
@@ -178,7 +179,7 @@ def keep_previous_layers(
             origin = "holders kept" if holders_stay else "all nodes free"
     details |= {
         "stage": origin,
-        "stage_terminations": terminations,
+        "stage_terminations": terminations if stage is not None else ["OUT_OF_TIME_BUILDING"],
         "stage_seconds": round(time.monotonic() - started, 2),
     }
     if best is not relabelled:
@@ -193,29 +194,28 @@ def keep_previous_layers(
     return StageResult(dict(best), details)
 
 
-def _solve_stage(
+@dataclass
+class _StageModel:
+    cm: ClassModel
+    moved: mathopt.LinearExpression
+    #: moved <= bound: only placements better than the best so far are of use
+    cutoff: mathopt.LinearConstraint
+    #: y[key] >= P[key] while holders must stay, relaxed to >= 0 after
+    holders: list[tuple[mathopt.LinearConstraint, int]]
+
+
+def _build_stage(
     cluster: Cluster,
     classes: list[NodeClass],
     links: dict[tuple[int, int], ClassLink],
-    first: Placement,
     previous: Placement,
     floor: float,
-    most_moved: int,
-    options: PlanOptions,
     deadline: float,
     mode: str,
-    backend: str,
-    *,
-    holders_stay: bool,
     min_layers: int,
-) -> tuple[dict[Key, int] | None, str]:
-    from helix_p2p.planner.milp import (
-        BACKENDS,
-        _OutOfTime,
-        add_cover_cuts,
-        build_model,
-        hint_for,
-    )
+) -> _StageModel | None:
+    """The model of the module docstring, or None if building it ran past the deadline."""
+    from helix_p2p.planner.milp import _OutOfTime, add_cover_cuts, build_model
 
     try:
         # min_layers only when set, so the stage also runs on a build_model without that option
@@ -225,13 +225,34 @@ def _solve_stage(
         add_cover_cuts(cm, cluster, floor, deadline=deadline)
         moved = _moved_expression(cm.model, classes, cm.y, previous)
     except _OutOfTime:
-        return None, "OUT_OF_TIME_BUILDING"
-    cm.model.add_linear_constraint(moved <= most_moved)  # only strict improvements are of use
-    if holders_stay:
-        for key, held in _held_counts(classes, previous).items():
-            if key in cm.y:
-                cm.model.add_linear_constraint(cm.y[key] >= held)
+        return None
+    cutoff = cm.model.add_linear_constraint(moved <= math.inf)
+    holders = [
+        (cm.model.add_linear_constraint(cm.y[key] >= 0), held)
+        for key, held in _held_counts(classes, previous).items()
+        if key in cm.y
+    ]
     cm.model.minimize(moved)
+    return _StageModel(cm, moved, cutoff, holders)
+
+
+def _solve_stage(
+    stage: _StageModel,
+    cluster: Cluster,
+    hint: Placement,
+    most_moved: int,
+    options: PlanOptions,
+    deadline: float,
+    backend: str,
+    *,
+    holders_stay: bool,
+) -> tuple[dict[Key, int] | None, str]:
+    from helix_p2p.planner.milp import BACKENDS, hint_for
+
+    stage.cutoff.upper_bound = most_moved
+    for row, held in stage.holders:
+        row.lower_bound = held if holders_stay else 0
+    cm = stage.cm
     params = mathopt.SolveParameters(
         time_limit=datetime.timedelta(seconds=max(0.2, deadline - time.monotonic())),
         # moved is an integer for every integer placement: a gap below 1 proves the optimum
@@ -241,7 +262,7 @@ def _solve_stage(
     )
     model_params = None
     if backend != "highs":  # HiGHS through MathOpt takes no hints
-        model_params = mathopt.ModelSolveParameters(solution_hints=[hint_for(cm, cluster, first)])
+        model_params = mathopt.ModelSolveParameters(solution_hints=[hint_for(cm, cluster, hint)])
     try:
         result = mathopt.solve(cm.model, BACKENDS[backend], params=params, model_params=model_params)
     except Exception as e:  # noqa: BLE001 - OR-Tools raises internal status errors of its own types

@@ -1,0 +1,129 @@
+"""Re-planning that moves few layers (`helix_p2p.planner.stability`, PlanOptions.keep_layers_tolerance).
+
+On the paper's 10-GPU cluster a plan is made, then the cluster changes the way a live swarm's does
+(a node joins, measured link numbers drift by a few %) and it is planned again from that plan, once
+with the stage off (tolerance None: the best flow found, relabelled within classes) and once with
+it on: the stage must move fewer layers than the one-stage solve on the same input, and keep the
+flow within the tolerance of it. Without a previous plan nothing changes."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+from builders import A100, L4, assert_plan_consistent, bundled_cluster, make_cluster, nodes_of
+
+from helix_p2p.cluster import Cluster, Link, NodeId
+from helix_p2p.plan import Plan, PlanError, moved_layers
+from helix_p2p.planner import PlanOptions, plan
+from helix_p2p.planner.classes import node_classes
+from helix_p2p.planner.stability import assign_members
+
+TOLERANCE = 0.02
+ONE_STAGE = PlanOptions(time_limit_s=30, keep_layers_tolerance=None)
+TWO_STAGE = PlanOptions(time_limit_s=30, keep_layers_tolerance=TOLERANCE)
+
+
+def with_new_node(cluster: Cluster, like: str, new_id: str) -> Cluster:
+    """`cluster` plus a copy of node `like` (same table, same links both ways and to the clients)."""
+    template = cluster.node_by_id[NodeId(like)]
+    new = replace(template, id=NodeId(new_id))
+    links = list(cluster.links)
+    links += [replace(link, src=new.id) for link in cluster.links if link.src == template.id]
+    links += [replace(link, dst=new.id) for link in cluster.links if link.dst == template.id]
+    speed = cluster.link_by_pair[(template.id, cluster.nodes[-1].id)]
+    links += [
+        Link(template.id, new.id, speed.bytes_per_s, speed.latency_s),
+        Link(new.id, template.id, speed.bytes_per_s, speed.latency_s),
+    ]
+    coordinator = [
+        *cluster.coordinator,
+        *(replace(c, node=new.id) for c in cluster.coordinator if c.node == template.id),
+    ]
+    return replace(cluster, nodes=(*cluster.nodes, new), links=tuple(links), coordinator=tuple(coordinator))
+
+
+def with_noisy_links(cluster: Cluster, relative: float, seed: int) -> Cluster:
+    rng = random.Random(seed)
+    noisy = tuple(
+        replace(link, bytes_per_s=link.bytes_per_s * rng.uniform(1 - relative, 1 + relative))
+        for link in cluster.links
+    )
+    return replace(cluster, links=noisy)
+
+
+@pytest.fixture(scope="module")
+def cluster10() -> tuple[Cluster, Plan]:
+    cluster = bundled_cluster("cluster10-llama30b")
+    return cluster, plan(cluster, ONE_STAGE)
+
+
+def test_a_joining_node_moves_fewer_layers_than_the_one_stage_solve(cluster10) -> None:
+    cluster, previous = cluster10
+    grown = with_noisy_links(with_new_node(cluster, cluster.nodes[0].id, "newcomer"), 0.05, seed=1)
+    one = plan(grown, ONE_STAGE, previous=previous)
+    two = plan(grown, TWO_STAGE, previous=previous)
+    assert_plan_consistent(grown, two)
+    assert one.details["moved_layers"] == moved_layers(previous.placement, one.placement)
+    assert two.details["moved_layers"] == moved_layers(previous.placement, two.placement)
+    # the stage starts from the one-stage answer (same search, same seed) and keeps it unless better
+    assert two.details["keep_layers"]["best_flow_moved_layers"] == one.details["moved_layers"]
+    assert two.details["moved_layers"] < one.details["moved_layers"], (two.details, one.details)
+    assert two.objective_tokens_per_s >= (1 - TOLERANCE) * one.objective_tokens_per_s * (1 - 1e-9)
+
+
+def test_drifting_link_numbers_alone_move_nothing(cluster10) -> None:
+    cluster, previous = cluster10
+    for seed in range(2):
+        drifted = with_noisy_links(cluster, 0.05, seed)
+        # fast links stay fast whatever their measured number: the classes do not split
+        assert len(node_classes(drifted)) == len(node_classes(cluster))
+        again = plan(drifted, TWO_STAGE, previous=previous)
+        assert again.details["moved_layers"] == 0
+        assert again.objective_tokens_per_s >= (1 - TOLERANCE) * previous.objective_tokens_per_s
+
+
+def test_without_a_previous_plan_the_stage_changes_nothing() -> None:
+    # a cluster solved to a proven optimum quickly, so both solves are deterministic
+    cluster = make_cluster(nodes_of(A100, 2) + nodes_of(L4, 3), num_layers=6)
+    off = plan(cluster, ONE_STAGE)
+    on = plan(cluster, TWO_STAGE)
+    assert off.gap == 0.0
+    assert on.placement == off.placement
+    assert on.objective_tokens_per_s == off.objective_tokens_per_s
+    assert "moved_layers" not in on.details and on.details["keep_layers"] == {}
+
+
+def test_a_previous_plan_within_the_tolerance_is_kept_as_it_is() -> None:
+    """A100s hold 4 layers alone at 300 tokens/s; two of them in a 2+2 pipeline carry 600. The
+    previous plan (one A100 holding everything) carries 300; with a 60 % tolerance it is kept."""
+    cluster = make_cluster(nodes_of(A100, 2), num_layers=4)
+    previous_placement = {NodeId("a100-0"): (0, 4)}
+    previous = plan(cluster, PlanOptions(time_limit_s=30, method="milp"))
+    previous = replace(previous, placement=previous_placement)
+    loose = plan(cluster, PlanOptions(time_limit_s=30, keep_layers_tolerance=0.6), previous=previous)
+    strict = plan(cluster, PlanOptions(time_limit_s=30, keep_layers_tolerance=0.0), previous=previous)
+    assert loose.details["moved_layers"] == 0 and loose.placement == previous_placement
+    assert strict.objective_tokens_per_s > loose.objective_tokens_per_s
+    assert strict.details["moved_layers"] > 0
+
+
+def test_members_take_the_ranges_that_overlap_what_they_hold() -> None:
+    """Three identical L4s; the new ranges [0,2), [2,4) and [1,3) go to the members whose previous
+    ranges overlap them most (an exact match is not needed to save loading)."""
+    cluster = make_cluster(nodes_of(L4, 3), num_layers=4)
+    classes = node_classes(cluster)
+    assert len(classes) == 1
+    previous = {NodeId("l4-0"): (2, 4), NodeId("l4-1"): (1, 3), NodeId("l4-2"): (0, 1)}
+    counts = {(0, 0, 2): 1, (0, 2, 2): 1, (0, 1, 2): 1}
+    placement = assign_members(classes, counts, previous)
+    assert placement == {NodeId("l4-0"): (2, 4), NodeId("l4-1"): (1, 3), NodeId("l4-2"): (0, 2)}
+    assert moved_layers(previous, placement) == 1
+
+
+@pytest.mark.parametrize("tolerance", [-0.1, 1.0, 2.0])
+def test_a_tolerance_outside_zero_to_one_is_a_plan_error(tolerance: float) -> None:
+    cluster = make_cluster(nodes_of(A100, 2), num_layers=4)
+    with pytest.raises(PlanError, match="keep_layers_tolerance"):
+        plan(cluster, PlanOptions(keep_layers_tolerance=tolerance))
