@@ -65,6 +65,7 @@ STAGE_TIME_SHARE = 0.25
 MIN_STAGE_S = 0.5
 
 Key = tuple[int, int, int]  # (class, start, k), as in milp.py
+_NONE_BETTER = ("INFEASIBLE", "INFEASIBLE_OR_UNBOUNDED")
 
 
 def stage_reserve_s(options: PlanOptions, previous: Placement | None) -> float:
@@ -151,13 +152,14 @@ def keep_previous_layers(
         # Following the previous plan is within the tolerance: nothing needs to move.
         best, best_moved, origin = kept, 0, "previous plan"
     terminations = []
+    proven: float | None = None  # a lower bound on the layers any placement within tolerance moves
     stage = _build_stage(cluster, classes, links, previous, floor, deadline, mode, min_layers)
     # Two searches in one model, each from the best so far: first with every previous holder kept
     # on its range (only newcomers and idle nodes placed: small and fast), then all nodes free.
     for holders_stay, share in ((True, 0.4), (False, 1.0)):
         if stage is None or best_moved == 0 or (left_s := deadline - time.monotonic()) < MIN_STAGE_S:
             break
-        counts, termination = _solve_stage(
+        counts, termination, lower = _solve_stage(
             stage,
             cluster,
             best,
@@ -168,6 +170,10 @@ def keep_previous_layers(
             holders_stay=holders_stay,
         )
         terminations.append(termination)
+        if not holders_stay and stage.cm.refutes:
+            # A relaxation's bound holds for every placement; with no placement better than the
+            # cutoff, the best so far is optimal.
+            proven = best_moved if termination in _NONE_BETTER else lower
         if counts is None:
             continue
         candidate = assign_members(classes, counts, previous)
@@ -181,6 +187,11 @@ def keep_previous_layers(
         "stage": origin,
         "stage_terminations": terminations if stage is not None else ["OUT_OF_TIME_BUILDING"],
         "stage_seconds": round(time.monotonic() - started, 2),
+        "moved_layers_lower_bound": 0
+        if best_moved == 0
+        else None
+        if proven is None
+        else min(best_moved, proven),
     }
     if best is not relabelled:
         log.info(
@@ -246,8 +257,10 @@ def _solve_stage(
     backend: str,
     *,
     holders_stay: bool,
-) -> tuple[dict[Key, int] | None, str]:
-    from helix_p2p.planner.milp import BACKENDS, hint_for
+) -> tuple[dict[Key, int] | None, str, int | None]:
+    """The placement's counts (or None), the termination, and a lower bound on moved layers
+    from the solver's dual bound (or None)."""
+    from helix_p2p.planner.milp import BACKENDS, _dual_bound, hint_for
 
     stage.cutoff.upper_bound = most_moved
     for row, held in stage.holders:
@@ -268,12 +281,15 @@ def _solve_stage(
     except Exception as e:  # noqa: BLE001 - OR-Tools raises internal status errors of its own types
         # The first stage's placement stands; a failed refinement is no reason to lose the plan.
         log.warning("%s failed on the keep-layers stage: %s", backend, e)
-        return None, f"ERROR: {e}"
+        return None, f"ERROR: {e}", None
     termination = result.termination.reason.name
+    bound = _dual_bound(result)
+    # moved is an integer: a bound of 11.2 proves 12
+    lower = None if bound is None else math.ceil(bound - 1e-6)
     if not result.has_primal_feasible_solution():
-        return None, termination
+        return None, termination, lower
     values = result.variable_values()
-    return {key: n for key, var in cm.y.items() if (n := round(values[var])) > 0}, termination
+    return {key: n for key, var in cm.y.items() if (n := round(values[var])) > 0}, termination, lower
 
 
 def _moved_expression(
