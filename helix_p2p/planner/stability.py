@@ -153,7 +153,11 @@ def keep_previous_layers(
         best, best_moved, origin = kept, 0, "previous plan"
     terminations = []
     proven: float | None = None  # a lower bound on the layers any placement within tolerance moves
-    stage = _build_stage(cluster, classes, links, previous, floor, deadline, mode, min_layers)
+    stage = None
+    if best_moved > 0:
+        stage = _build_stage(cluster, classes, links, previous, floor, deadline, mode, min_layers)
+        if stage is None:
+            terminations.append("OUT_OF_TIME_BUILDING")
     # Two searches in one model, each from the best so far: first with every previous holder kept
     # on its range (only newcomers and idle nodes placed: small and fast), then all nodes free.
     for holders_stay, share in ((True, 0.4), (False, 1.0)):
@@ -185,7 +189,7 @@ def keep_previous_layers(
             origin = "holders kept" if holders_stay else "all nodes free"
     details |= {
         "stage": origin,
-        "stage_terminations": terminations if stage is not None else ["OUT_OF_TIME_BUILDING"],
+        "stage_terminations": terminations,
         "stage_seconds": round(time.monotonic() - started, 2),
         "moved_layers_lower_bound": 0
         if best_moved == 0
