@@ -45,6 +45,7 @@ from helix_p2p.protocol.messages import RouteHop
 from helix_p2p.shard.sampling import SamplingError, SamplingParams
 from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
 from helix_p2p.swarm.identity import ephemeral_identity
+from helix_p2p.swarm.relay import RelayDialer, relayed_targets
 from helix_p2p.swarm.reports import (
     DEFAULT_MIN_REPORTERS,
     Accusation,
@@ -192,6 +193,8 @@ class HelixClient:
                 SwarmDHT.start(self._identity, swarm, list(initial_peers), net),
                 self.options.connect_timeout_s + 15,
             )
+            # peers behind a NAT in the plan are called through their relays (swarm/relay.py)
+            self._relays = RelayDialer(self.dht.p2p)
             if self.options.verify_rate > 0:
                 self.verifier = self._make_verifier(model)
             self._call(self._first_refresh(), self.options.connect_timeout_s + 15)
@@ -241,6 +244,7 @@ class HelixClient:
         records = {p: r for p, r in records.items() if not r.is_stale(at)}
         plan = follow_plan(records, [p.record for p in plans], self._snapshot.plan, self.model_id)
         self._snapshot = Snapshot(records, plan, time.time(), await self._read_banned(records))
+        await self._relays.reach(relayed_targets(records, plan))
         return self._snapshot
 
     async def _read_banned(self, records: dict[str, Any]) -> frozenset[str]:

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     j(
         "--no-listen",
         action="store_true",
-        help="accept no inbound connections: reachable only through a relay (NAT tests)",
+        help="listen on no address, so no peer can dial in (a NAT that lets nothing in): the node "
+        "is reached only through a slot on a relay (the bootstrap); implies --client-mode",
     )
     j(
         "--reachability",
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     j(
         "--debounce-s",
         type=float,
-        help="membership must hold this long before a re-plan (default: the refresh period)",
+        help="membership must hold this long before a re-plan (default: half the refresh period, "
+        "the time between two registry reads)",
     )
     j(
         "--ban-min-reporters",
@@ -186,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     ttl_s = args.ttl_s
     refresh_s = args.refresh_s
-    debounce_s = args.debounce_s if args.debounce_s is not None else (refresh_s or ttl_s / 4)
+    # By default two registry reads in a row (every half refresh period) must agree on the members:
+    # that absorbs a burst of arrivals, and a departure already takes two missed refreshes to show.
+    debounce_s = args.debounce_s if args.debounce_s is not None else (refresh_s or ttl_s / 4) / 2
     return NodeConfig(
         initial_peers=tuple(args.initial_peers),
         model=args.model,
@@ -203,7 +207,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         swarm=args.swarm,
         swarm_key=None if args.swarm_key is None else Path(args.swarm_key),
         public_name=args.public_name,
-        client_mode=args.client_mode,
+        # a peer nobody can dial must not offer to store DHT records for others
+        client_mode=args.client_mode or args.no_listen,
         use_relay=not args.no_relay,
         use_auto_relay=not (args.no_relay or args.no_auto_relay),
         no_listen=args.no_listen,

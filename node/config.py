@@ -54,8 +54,9 @@ class PlannerOptions:
     #: periodic re-plans adopt a plan that moves layers only if it gains this share of flow
     min_gain: float = 0.1
     replan_period_s: float = 600.0
-    #: membership must hold this long before a re-plan (absorbs flapping records)
-    debounce_s: float = 15.0
+    #: membership must hold this long before a re-plan (absorbs flapping records); the CLI's default
+    #: is one registry read period, half the refresh period (7.5 s with the default 60 s TTL)
+    debounce_s: float = 7.5
     #: peers reported lying by this many distinct reporters are left out of plans (`swarm.reports`)
     ban_min_reporters: int = DEFAULT_MIN_REPORTERS
 
@@ -178,6 +179,10 @@ class NodeConfig:
             raise NodeConfigError(f"--max-layers must be >= 1, got {self.max_layers}")
         if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:
             raise NodeConfigError("--max-memory must be a positive number of GB")
+        if self.no_listen and not self.use_auto_relay:
+            raise NodeConfigError(
+                "--no-listen leaves a relay slot as the only way in: drop --no-relay / --no-auto-relay"
+            )
         if not 0 <= self.port <= 65535:
             raise NodeConfigError(f"--port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:

@@ -48,6 +48,8 @@ async def check_network(args: argparse.Namespace, say: Callable[[str], None]) ->
     from helix_p2p.errors import HelixError
     from helix_p2p.swarm.probe import ProbeError, ProbeServer, measure_link
     from helix_p2p.swarm.reachability import ReachServer, ask_dial_back
+    from helix_p2p.swarm.records import Reachability
+    from helix_p2p.swarm.relay import RelayDialer, RelayError, circuit_addr, relayed_targets, reserve
     from helix_p2p.swarm.status import swarm_status
 
     bootstrap = args.initial_peers[0].rsplit("/p2p/", 1)[-1]
@@ -77,22 +79,39 @@ async def check_network(args: argparse.Namespace, say: Callable[[str], None]) ->
                 say(f"{OK} reachable directly: the bootstrap dialed back ({reach.detail})")
             elif reach.answered:
                 say(
-                    f"{WARN} not reachable directly ({reach.detail}); a node will still join through a relay, "
-                    f"but relayed traffic is slower: forward TCP port {ports[0] if ports else 'P'} on your router "
-                    "(or open it in the firewall) and start the node with that --port"
+                    f"{WARN} not reachable directly ({reach.detail}); relayed traffic is slower: forward TCP "
+                    f"port {ports[0] if ports else 'P'} on your router (or open it in the firewall) and start "
+                    "the node with that --port"
                 )
             else:
                 say(f"{WARN} could not check reachability: {reach.detail}")
+            if not reach.reachable:
+                try:
+                    slot = await reserve(dht.p2p, bootstrap)
+                    say(
+                        f"{OK} reachable through the bootstrap's relay: it granted a slot (each relayed "
+                        f"connection capped at {slot.limit_bytes or 'unlimited'} bytes and "
+                        f"{slot.limit_duration_s or 'unlimited'} s), so a node here joins and serves at "
+                        f"{circuit_addr(args.initial_peers[0], str(dht.p2p.peer_id))}"
+                    )
+                except RelayError as e:
+                    say(
+                        f"{FAIL} not reachable through a relay either: {e}; peers will not be able to call a node here"
+                    )
 
             records, plans = await dht.read()
             status = swarm_status(records, [p.record for p in plans], time.time())
             targets = [bootstrap] + [n["peer_id"] for n in status["nodes"]][: args.peers]
+            # nodes behind a NAT are measured through their relays, as activations would reach them
+            await RelayDialer(dht.p2p).reach(relayed_targets(records, None, targets))
             for peer in targets:
                 label = (
                     "bootstrap"
                     if peer == bootstrap
                     else next((n["name"] or peer for n in status["nodes"] if n["peer_id"] == peer), peer)
                 )
+                if peer in records and records[peer].reachability == Reachability.RELAY:
+                    label += " (behind a NAT, through its relay)"
                 try:
                     m = await measure_link(dht.p2p, peer, probe_bytes=args.probe_bytes)
                 except ProbeError as e:

@@ -38,6 +38,16 @@ from helix_p2p.swarm.records import (
     PlanRecord,
     Reachability,
 )
+from helix_p2p.swarm.relay import (
+    RELAYED_PROBE_BYTES,
+    RelayDialer,
+    RelayError,
+    Reservation,
+    circuit_addr,
+    relayed_connection,
+    relayed_targets,
+    reserve,
+)
 from helix_p2p.swarm.reports import BanRule, banned_peers
 
 from .config import NodeConfig
@@ -54,6 +64,8 @@ logger = logging.getLogger(__name__)
 REPLY_LINGER_S = 0.5
 #: a NIC figure to announce before any link has been measured (1 Gbit/s)
 DEFAULT_NIC_BYTES_PER_S = 1.25e8
+#: seconds to wait for a connection through a relay
+RELAY_DIAL_TIMEOUT_S = 10.0
 #: record stores running at once (a slow one must not delay the next refresh)
 ANNOUNCES_IN_FLIGHT = 3
 
@@ -106,6 +118,9 @@ class Node:
         self._hurry = asyncio.Event()
         self._rng = random.Random(identity.peer_id)
         self._last_banned: frozenset[str] = frozenset()
+        self.relay_dialer: RelayDialer | None = None
+        #: the watch loop's background dial to relayed plan neighbours (one at a time)
+        self._reaching: asyncio.Task | None = None
 
     @property
     def peer_id(self) -> str:
@@ -143,6 +158,9 @@ class Node:
             return 0
         stop.cancel()
         self.dht = joining.result()
+        self.relay_dialer = RelayDialer(
+            self.dht.p2p, timeout_s=min(c.connect_timeout_s, RELAY_DIAL_TIMEOUT_S)
+        )
         tasks: list[asyncio.Task] = []
         metrics_site = None
         try:
@@ -193,6 +211,8 @@ class Node:
             return 0
         finally:
             self.planner.stop()
+            if self._reaching is not None:
+                tasks.append(self._reaching)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -398,6 +418,11 @@ class Node:
             chosen = choose_plan(plans, elected, self.followed, self.model.id)
             if chosen is not None and chosen != self.followed:
                 self._follow(chosen)
+            if self._reaching is None or self._reaching.done():
+                # in the background: a relay that does not answer must not stall the watch loop
+                self._reaching = asyncio.create_task(
+                    self._reach_relayed(plan_neighbors(self.peer_id, self.followed))
+                )
             if elected == self.peer_id and not self.leaving:
                 self.planner.tick(records, plans, self.followed, now, await self._banned(records, now))
             await asyncio.sleep(self.config.poll_s)
@@ -457,18 +482,26 @@ class Node:
                 rng=self._rng,
             )
             measured = 0
+            await self._reach_relayed(set(targets))
             for peer in targets:
                 self.last_probed[peer] = time.time()
+                # a probe through a relay stays under the relay's per-connection byte cap
+                relayed = peer in self.records and self.records[peer].reachability == Reachability.RELAY
+                relayed = relayed and await relayed_connection(self.dht.p2p, peer)
+                probe_bytes = (
+                    min(self.config.probe_bytes, RELAYED_PROBE_BYTES) if relayed else self.config.probe_bytes
+                )
                 try:
-                    m = await measure_link(self.dht.p2p, peer, probe_bytes=self.config.probe_bytes)
+                    m = await measure_link(self.dht.p2p, peer, probe_bytes=probe_bytes)
                 except ProbeError as e:
                     logger.info("link to %s not measured: %s", peer, e)
                     continue
                 self.measurements[peer] = m
                 measured += 1
                 logger.info(
-                    "link to %s: rtt %.1f ms, out %.1f MB/s, in %.1f MB/s",
-                    peer, m.rtt_s * 1e3, m.out_bytes_per_s / 1e6, m.in_bytes_per_s / 1e6,
+                    "link to %s%s: rtt %.1f ms, out %.1f MB/s, in %.1f MB/s",
+                    peer, " (through a relay)" if relayed else "", m.rtt_s * 1e3, m.out_bytes_per_s / 1e6,
+                    m.in_bytes_per_s / 1e6,
                 )  # fmt: skip
             if measured:
                 self._announce_now.set()
@@ -476,8 +509,9 @@ class Node:
 
     async def _check_reachability(self) -> None:
         """Ask an initial peer to dial back: directly reachable, or only through a relay?"""
+        # RELAY only with a relay slot to hold (--no-auto-relay: nobody can call this node)
         if self.config.no_listen or self.config.force_reachability == "private":
-            self.reachability = Reachability.RELAY if self.config.use_relay else Reachability.UNKNOWN
+            self.reachability = Reachability.RELAY if self.config.use_auto_relay else Reachability.UNKNOWN
         else:
             helper = self.config.initial_peers[0].rsplit("/p2p/", 1)[-1]
             result = await ask_dial_back(self.dht.p2p, helper, list(self.addrs))
@@ -486,16 +520,56 @@ class Node:
                 self.reachability = (
                     Reachability.DIRECT
                     if direct
-                    else (Reachability.RELAY if self.config.use_relay else Reachability.UNKNOWN)
+                    else (Reachability.RELAY if self.config.use_auto_relay else Reachability.UNKNOWN)
                 )
             logger.info("reachability: %s (%s)", self.reachability.value, result.detail)
         self._announce_now.set()
-        # A relay reservation shows up as a /p2p-circuit address some seconds after joining.
-        while self.reachability == Reachability.RELAY and not any("p2p-circuit" in a for a in self.addrs):
-            await asyncio.sleep(self.config.refresh_period_s)
-            self.addrs = await self._visible_addrs()
-            if any("p2p-circuit" in a for a in self.addrs):
+        if self.reachability == Reachability.RELAY:
+            await self._hold_relay_slot()
+
+    async def _hold_relay_slot(self) -> None:
+        """Keep a reservation on a relay (the first initial peer that grants one) and announce the
+        circuit address through it; renewed every few refreshes and well before it expires, so a
+        relay that restarted (and forgot it) is back within seconds."""
+        announced: str | None = None
+        while True:
+            reservation, addr = await self._reserve_on_a_relay()
+            if addr is not None and addr != announced:
+                announced = addr
+                direct = [a for a in await self._visible_addrs() if "p2p-circuit" not in a]
+                self.addrs = tuple([addr, *direct][:MAX_ADDRS])
                 logger.info(
-                    "reachable through a relay at %s", ", ".join(a for a in self.addrs if "p2p-circuit" in a)
-                )
+                    "reachable through relay %s at %s (the relay caps each relayed connection at %s "
+                    "and %s; it expires in %.0f s, renewed before)",
+                    reservation.relay, addr,
+                    "no byte limit" if reservation.limit_bytes is None else f"{reservation.limit_bytes} bytes",
+                    "no time limit" if reservation.limit_duration_s is None else f"{reservation.limit_duration_s:.0f} s",
+                    reservation.expires_at - time.time(),
+                )  # fmt: skip
                 self._announce_now.set()
+            renew_s = 4 * self.config.refresh_period_s
+            if reservation is not None:
+                renew_s = min(renew_s, max(1.0, (reservation.expires_at - time.time()) / 2))
+            await asyncio.sleep(renew_s)
+
+    async def _reserve_on_a_relay(self) -> tuple[Reservation | None, str | None]:
+        errors = []
+        for maddr in self.config.initial_peers:
+            relay = maddr.rsplit("/p2p/", 1)[-1]
+            try:
+                reservation = await reserve(self.dht.p2p, relay, timeout_s=self.config.connect_timeout_s)
+            except RelayError as e:
+                errors.append(str(e))
+                continue
+            return reservation, circuit_addr(maddr, self.peer_id)
+        logger.warning(
+            "no relay among the initial peers granted a slot, so peers cannot call this node: %s",
+            "; ".join(errors),
+        )
+        return None, None
+
+    async def _reach_relayed(self, peers: set[str]) -> None:
+        """Connect through their relays to the relayed peers among `peers` that this node must call."""
+        targets = relayed_targets(self.records, self.followed, peers)
+        if targets and self.relay_dialer is not None:
+            await self.relay_dialer.reach(targets)

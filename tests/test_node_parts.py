@@ -61,6 +61,8 @@ def test_defaults_pass_and_timings_derive_from_the_ttl():
         ({"planner": PlannerOptions(time_limit_s=0)}, "--planner-time-limit-s"),
         ({"public_name": "x" * 65}, "--public-name"),
         ({"planner": PlannerOptions(method="magic")}, "--planner-method"),
+        ({"no_listen": True, "use_relay": False, "use_auto_relay": False}, "--no-listen"),
+        ({"no_listen": True, "use_auto_relay": False}, "--no-auto-relay"),
     ],
 )
 def test_bad_settings_name_their_flag(overrides, message):

@@ -175,7 +175,14 @@ def test_a_peer_listening_nowhere_is_reached_only_through_its_reservation() -> N
     from hivemind.p2p import P2P
     from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
-    from helix_p2p.swarm.relay import RelayDialer, connect_through_relay, reserve
+    from helix_p2p.swarm.probe import ProbeError, ProbeServer, measure_link
+    from helix_p2p.swarm.relay import (
+        RELAYED_PROBE_BYTES,
+        RelayDialer,
+        connect_through_relay,
+        relayed_connection,
+        reserve,
+    )
 
     async def scenario() -> None:
         relay = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -211,7 +218,6 @@ def test_a_peer_listening_nowhere_is_reached_only_through_its_reservation() -> N
                 await connect_through_relay(caller, PEER, [circuit_addr(relay_maddr, PEER)])
 
             slot = await reserve(natted, relay.peer_id.to_base58())
-            assert slot.limit_bytes is None or slot.limit_bytes > 0
             dialed = await RelayDialer(caller).reach({me: (circuit,)})
             assert dialed == {me: circuit}
             reply = await caller.call_protobuf_handler(
@@ -219,6 +225,16 @@ def test_a_peer_listening_nowhere_is_reached_only_through_its_reservation() -> N
             )
             assert reply.value == b"echo hi"
             assert await RelayDialer(caller).reach({me: (circuit,)}) == {}  # connected: no new dial
+            assert await relayed_connection(caller, me)
+
+            # a probe over the circuit measures the relay; one past the relay's cap of
+            # slot.limit_bytes per connection (p2pd keeps libp2p's 128 KiB) never completes
+            await ProbeServer().register(natted)
+            m = await measure_link(caller, me, probe_bytes=RELAYED_PROBE_BYTES, timeout_s=15)
+            assert m.rtt_s > 0 and m.out_bytes_per_s > 0 and m.in_bytes_per_s > 0
+            assert slot.limit_bytes is not None and 2 * RELAYED_PROBE_BYTES < slot.limit_bytes
+            with pytest.raises(ProbeError):
+                await measure_link(caller, me, probe_bytes=2 * slot.limit_bytes, timeout_s=5)
         finally:
             for p in reversed(peers):
                 await p.shutdown()

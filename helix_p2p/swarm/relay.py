@@ -40,6 +40,9 @@ HOP_PROTOCOL = "/libp2p/circuit/relay/0.2.0/hop"
 CIRCUIT = "/p2p-circuit"
 #: the most bytes one relay message may take (the spec's limit is 4 KiB)
 MAX_HOP_MESSAGE_BYTES = 4096
+#: a bandwidth probe over a relayed connection moves this much each way: well under p2pd's cap of
+#: 128 KiB per relayed connection, so the probe measures the relay instead of running into its cap
+RELAYED_PROBE_BYTES = 32 * 1024
 
 # multiaddr protocol codes (multiformats/multicodec table) and the size of their value:
 # a fixed byte count, "var" for a length-prefixed value, or 0 for none
@@ -298,6 +301,18 @@ async def connect_through_relay(
         except (RelayError, P2PDaemonError, ControlFailure, asyncio.TimeoutError, ConnectionError) as e:
             errors.append(f"{addr}: {type(e).__name__} {str(e).strip().splitlines()[-1] if str(e) else ''}")
     raise RelayError(f"cannot reach {peer_id} through a relay: {'; '.join(errors)}")
+
+
+async def relayed_connection(p2p: P2P, peer_id: str) -> bool:
+    """Whether this peer's only connections to `peer_id` run through a relay (False when the
+    daemon cannot say)."""
+    try:
+        peers = await p2p.list_peers()
+    except (P2PDaemonError, ControlFailure, ConnectionError) as e:
+        logger.debug("cannot list connected peers: %s", e)
+        return False
+    addrs = [str(a) for info in peers if info.peer_id.to_base58() == peer_id for a in info.addrs]
+    return bool(addrs) and all(CIRCUIT in a for a in addrs)
 
 
 async def connected_peers(p2p: P2P) -> set[str]:

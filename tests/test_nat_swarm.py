@@ -1,0 +1,149 @@
+"""A node behind a NAT joins and serves through the bootstrap's relay, on 127.0.0.1.
+
+The NATed node runs with `--no-listen`: its p2p daemon listens on no address at all, so no peer can
+dial it, as behind a NAT that lets nothing in (on loopback a port would otherwise be reachable by
+anyone, so a flag that only claimed privacy would prove nothing). It can still dial out. One
+module-scoped swarm: a bootstrap (the relay), an ordinary node and the NATed node, each able to
+hold two of the tiny model's four layers, so every route needs both.
+
+1. the NATed node's record says `relay` and leads with a circuit address through the bootstrap;
+2. its links are measured (numbers in its record) and the plan gives it layers;
+3. a client, which the NATed node never dials, reaches it only through the relay, and greedy
+   generation over the swarm equals the whole model's;
+4. `helix status --json` shows it as relayed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from procs import FAST, Proc, Processes, SwarmObserver, start_bootstrap, start_node, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+MODEL_ID = "tiny-nat"
+NUM_LAYERS = 4
+TIMINGS = dict(FAST, **{"--ttl-s": "10", "--refresh-s": "1.5", "--probe-period-s": "2"})
+PROMPT = "the quick brown fox"
+
+
+@dataclass
+class Swarm:
+    procs: Processes
+    maddrs: list[str]
+    model: Path
+    observer: SwarmObserver
+    natted: Proc
+    plan: object
+
+    def record(self, name: str):
+        records, _ = self.observer.read()
+        return next((r for r in records.values() if r.name == name), None)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    from helix_p2p.shard import TinyModelSpec, make_tiny_model
+
+    workdir = tmp_path_factory.mktemp("nat-swarm")
+    model = make_tiny_model(workdir / MODEL_ID, TinyModelSpec(num_layers=NUM_LAYERS, initializer_range=0.1))
+    with Processes(workdir) as procs:
+        boot = start_bootstrap(procs)
+        observer = SwarmObserver(boot.maddrs)
+        try:
+            natted = start_node(
+                procs, "natted", boot.maddrs, model, [900.0, 500.0], "--no-listen", "--planner-method", "petals",
+                timings=TIMINGS,
+            )  # fmt: skip
+            start_node(
+                procs,
+                "open",
+                boot.maddrs,
+                model,
+                [800.0, 450.0],
+                "--planner-method",
+                "petals",
+                timings=TIMINGS,
+            )
+            plan = wait_for(
+                lambda: observer.served_plan(MODEL_ID, names={"natted", "open"}),
+                150,
+                "a plan over both nodes, loaded",
+                describe=procs.report,
+            )
+            yield Swarm(procs, boot.maddrs, model, observer, natted, plan)
+        finally:
+            observer.close()
+
+
+def test_the_natted_node_announces_a_circuit_through_the_bootstrap(swarm) -> None:
+    from helix_p2p.swarm.records import Reachability
+
+    record = wait_for(
+        lambda: (r := swarm.record("natted")) is not None and r.addrs and "p2p-circuit" in r.addrs[0] and r,
+        30,
+        "the NATed node's circuit address",
+        describe=swarm.procs.report,
+    )
+    assert record.reachability == Reachability.RELAY
+    assert record.dht_client_mode, "a peer nobody can dial stores nothing for others"
+    bootstrap_id = swarm.maddrs[0].rsplit("/p2p/", 1)[-1]
+    relayed = [a for a in record.addrs if "p2p-circuit" in a]
+    assert relayed == [f"{swarm.maddrs[0]}/p2p-circuit/p2p/{record.peer_id}"], record.addrs
+    assert bootstrap_id in relayed[0]
+    assert all("p2p-circuit" in a for a in record.addrs), f"it listens on nothing else: {record.addrs}"
+    assert "reachable through relay" in swarm.natted.stderr() + swarm.natted.stdout()
+
+
+def test_its_links_are_measured_and_the_plan_gives_it_layers(swarm) -> None:
+    other = swarm.record("open")
+    record = wait_for(
+        lambda: (
+            (r := swarm.record("natted")) is not None and any(m.peer == other.peer_id for m in r.links) and r
+        ),
+        60,
+        "the NATed node's measured link to the other node",
+        describe=swarm.procs.report,
+    )
+    link = next(m for m in record.links if m.peer == other.peer_id)
+    assert link.rtt_s > 0 and link.out_bytes_per_s > 0 and link.in_bytes_per_s > 0, link
+    assert swarm.plan.placement.get(record.peer_id), f"no layers for the NATed node: {swarm.plan.placement}"
+
+
+def test_a_client_reaches_it_through_the_relay_and_generates_exactly(swarm) -> None:
+    from helix_p2p.client import ClientOptions, HelixClient
+    from shard_fixtures import whole_model_greedy
+
+    ids, whole = whole_model_greedy(swarm.model, PROMPT, 8)
+    natted = swarm.record("natted").peer_id
+    options = ClientOptions(step_timeout_s=15, avoid_s=30, route_wait_s=10, max_failovers=2)
+    with HelixClient(swarm.maddrs, model=str(swarm.model), options=options) as client:
+
+        async def addrs_to_natted() -> list[str]:
+            peers = await client.dht.p2p.list_peers()
+            return [str(a) for info in peers if info.peer_id.to_base58() == natted for a in info.addrs]
+
+        # the client listens, but the NATed node never dials a DHT client: its only way in is the relay
+        assert all("p2p-circuit" in a for a in client._call(addrs_to_natted(), 15)), "a direct connection"
+        result = client.generate(PROMPT, max_new_tokens=8)
+        via = client._call(addrs_to_natted(), 15)
+    assert result.prompt_token_ids == ids
+    assert result.token_ids == whole[:8]
+    assert natted in {hop["peer_id"] for hop in result.route}, result.route
+    assert via and all("p2p-circuit" in a for a in via), f"the client's connection to it: {via}"
+
+
+def test_helix_status_shows_it_as_relayed(swarm) -> None:
+    helix = str(Path(sys.executable).parent / "helix")
+    out = subprocess.run(
+        [helix, "status", "--initial-peers", *swarm.maddrs, "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    nodes = {n["name"]: n for n in json.loads(out)["nodes"]}
+    assert nodes["natted"]["reachability"] == "relay"
+    assert nodes["open"]["reachability"] == "direct"
+    assert nodes["natted"]["layers"] is not None
