@@ -67,9 +67,12 @@ def test_ctrl_c_in_a_terminal_announces_leaving_and_exits_0(tmp_path):
         table = tmp_path / "t.json"
         table.write_text("[100, 90, 80, 70]")
         log = tmp_path / "node.log"
+        # quick registry reads and no debounce: a lone node plans for itself within a read or two
+        # (the defaults wait 15-22 s for a first plan, which is not what this test is about)
         argv = node_argv(
             "join", "--initial-peers", *boot.maddrs, "--model", str(tiny_model_dir), "--throughput", str(table),
             "--host", "127.0.0.1", "--public-name", "at-keyboard", "--ttl-s", "60", "--device", "cpu", "--grace-s", "60",
+            "--refresh-s", "2", "--debounce-s", "0",
         )  # fmt: skip
         env = dict(os.environ, PS1="$ ", TERM="dumb")
         terminal = Terminal(env)
