@@ -1,8 +1,11 @@
-"""Churn under load (issue 9): 8 `helix-node join` processes on 127.0.0.1, each holding half of a
-tiny Llama (4 replicas of each half), serve 32 concurrent greedy generations in a closed loop while
+"""Churn under load (issue 9): 6 `helix-node join` processes on 127.0.0.1, each holding half of a
+tiny Llama (3 replicas of each half), serve 32 concurrent greedy generations in a closed loop while
 a node is SIGKILLed every few seconds (the elected planner among the victims) and restarted with
-the same identity a few seconds later (`tests/chaos_run.py` does the work; `benchmarks/chaos.py`
-runs it longer and prints the numbers).
+the same identity a second later (`tests/chaos_run.py` does the work; `benchmarks/chaos.py` runs 8
+nodes, longer, and prints the numbers). Six nodes, not eight: every node start costs seconds of CPU
+(torch, transformers, hivemind), and a restart that imports on two cores shared with the load is
+what the after phase waits for; with three replicas of each half the killer can still have three
+nodes down at once without taking the last replica of a layer.
 
 Invariants, not timings:
 - every request completes, with the same tokens as the undisturbed run of its prompt (the killer
@@ -20,14 +23,14 @@ from chaos_run import ChaosSettings, run_chaos
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SETTINGS = ChaosSettings(
-    nodes=8,
+    nodes=6,
     num_layers=4,
     concurrency=32,
     max_new_tokens=6,
     before_s=4.0,
     duration_s=16.0,
     kill_every_s=4.0,
-    down_s=4.0,
+    down_s=1.0,
     max_down=3,
     after_s=150.0,
     recovered_within=0.5,
