@@ -117,10 +117,11 @@ async def serve(args: argparse.Namespace) -> int:
         await stop.wait()
         forwards, steps = plane.batching_stats()
         logger.info(
-            "stopping: %d steps in %d forwards (%.2f steps per forward)",
+            "stopping: %d steps in %d forwards (%.2f steps per forward, %d on the event loop)",
             steps,
             forwards,
             steps / max(1, forwards),
+            plane.inline_forwards,
         )
         return 0
     finally:

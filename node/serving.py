@@ -160,9 +160,11 @@ class _InFlight:
 #: call the node is serving (nothing else of the data plane waits on the loop meanwhile): a hand-off
 #: to the worker thread and back costs 0.1-1 ms on every hop of every step (two thread wake-ups, on
 #: a loaded machine more), a large part of what a hop costs beyond its layers (`benchmarks/swarm.py`).
-#: The cap bounds how long the loop's other work (control-plane probes, announces) can be held up:
-#: at most one such forward per turn of the loop.
-INLINE_FORWARD_S = 0.005
+#: The cap bounds how long the loop's other work can be held up: at most one such forward per turn
+#: of the loop, and that work is the control plane's (announces, watches, probes: periodic, with
+#: timeouts in seconds; a probe keeps the smallest of several round trips). 20 ms covers a decode
+#: step of the benchmark's default model (8 layers, hidden 512) on one CPU thread.
+INLINE_FORWARD_S = 0.02
 #: weight of the newest measurement in the smoothed seconds per decode step
 _EMA_WEIGHT = 0.2
 
@@ -345,6 +347,11 @@ class DataPlane:
             sum(b.forwards for b in self._batchers.values()),
             sum(b.steps for b in self._batchers.values()),
         )
+
+    @property
+    def inline_forwards(self) -> int:
+        """Forwards run on the event loop (short decode batches on an otherwise idle node)."""
+        return sum(b.inline_forwards for b in self._batchers.values())
 
     # ---------------------------------------------------------------------------- transport
 
