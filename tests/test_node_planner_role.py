@@ -13,7 +13,11 @@ from helix_p2p.node.config import PlannerOptions
 from helix_p2p.node.planner_role import PlannerRole
 from swarm_builders import MODEL, NOW, node, plan
 
+from helix_p2p.planner import PlanOptions
+from helix_p2p.planner import plan as solve
+from helix_p2p.swarm.cluster_view import registry_to_cluster
 from helix_p2p.swarm.identity import ephemeral_identity
+from helix_p2p.swarm.replan import previous_plan_on
 from helix_p2p.swarm.signing import verify_plan
 
 
@@ -138,5 +142,35 @@ def test_an_impossible_cluster_is_not_retried_until_membership_changes(me, caplo
         await h.tick(small, at=NOW + 4)
         assert h.role.task.done() and h.published == []
         assert sum("cannot plan" in r.message for r in caplog.records) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_joining_node_is_planned_in_moving_fewer_layers_than_the_best_flow_alone(me):
+    """The role passes the followed plan to the MILP, so a membership re-plan runs the keep-layers
+    stage (planner/stability.py): on the same cluster, the one-stage solve reaches the same flow
+    by moving more layers."""
+
+    async def scenario():
+        h = Harness(me, method="milp", time_limit_s=10.0)
+        records = swarm_of(me.peer_id, "QmB", "QmC")
+        records["QmC"] = replace(records["QmC"], tokens_per_s=(300.0, 160.0, 110.0, 80.0))
+        await h.tick(records, at=NOW)
+        await h.tick(records, at=NOW + 2)
+        first = h.published[-1].record
+        grown = {**records, "QmD": node("QmD", joined_at=NOW - 10, tokens_per_s=(700.0, 360.0, 250.0, 190.0))}
+        await h.tick(grown, followed=first, at=NOW + 3)
+        await h.tick(grown, followed=first, at=NOW + 5)
+        second = h.published[-1].record
+        assert second.epoch == 2 and "QmD" in second.placement
+
+        cluster = registry_to_cluster({p: replace(r, updated_at=NOW + 5) for p, r in grown.items()})
+        one_stage = solve(
+            cluster,
+            PlanOptions(time_limit_s=10.0, keep_layers_tolerance=None),
+            previous_plan_on(cluster, first),
+        )
+        assert second.moved_layers_from(first.placement) < one_stage.details["moved_layers"]
+        assert second.objective_tokens_per_s >= 0.98 * one_stage.objective_tokens_per_s
 
     asyncio.run(scenario())
