@@ -6,7 +6,9 @@
   adopt the result only if it gains enough flow to pay for moving layers (loading weights is slow):
   with no layers moved any gain counts; otherwise the flow must grow by `min_gain` (relative).
 - The previous plan goes to the planner restricted to the live members, so methods that honour it
-  (the MILP) can keep most nodes where they are."""
+  can keep most nodes where they are: the MILP publishes, among placements within
+  `PlanOptions.keep_layers_tolerance` (2 %) of the best flow it found, one that moves the fewest
+  layers (planner/stability.py), and says how many in `details["moved_layers"]`."""
 
 from __future__ import annotations
 
