@@ -1,16 +1,19 @@
-"""A node behind a NAT joins and serves through the bootstrap's relay, on 127.0.0.1.
+"""Nodes behind a NAT join and serve through the bootstrap's relay, on 127.0.0.1.
 
-The NATed node runs with `--no-listen`: its p2p daemon listens on no address at all, so no peer can
+A NATed node runs with `--no-listen`: its p2p daemon listens on no address at all, so no peer can
 dial it, as behind a NAT that lets nothing in (on loopback a port would otherwise be reachable by
-anyone, so a flag that only claimed privacy would prove nothing). It can still dial out. One
-module-scoped swarm: a bootstrap (the relay), an ordinary node and the NATed node, each able to
-hold two of the tiny model's four layers, so every route needs both.
+anyone, so a flag that only claimed privacy would prove nothing). It can still dial out, as a NAT
+lets out. One module-scoped swarm: a bootstrap (the relay), an ordinary node and two NATed nodes.
+The ordinary node and `natted` each hold at most two of the tiny model's four layers and
+`natted2` one, so no route can leave `natted` out.
 
-1. the NATed node's record says `relay` and leads with a circuit address through the bootstrap;
+1. `natted`'s record says `relay` and leads with a circuit address through the bootstrap;
 2. its links are measured (numbers in its record) and the plan gives it layers;
-3. a client, which the NATed node never dials, reaches it only through the relay, and greedy
+3. the two NATed nodes cannot dial each other: their link is probed through the relay, and that
+   measurement, not an estimate, is what the planner's cluster holds for the pair;
+4. a client, which no NATed node ever dials, reaches `natted` only through the relay, and greedy
    generation over the swarm equals the whole model's;
-4. `helix status --json` shows it as relayed."""
+5. `helix status --json` shows the NATed nodes as relayed."""
 
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class Swarm:
     model: Path
     observer: SwarmObserver
     natted: Proc
+    natted2: Proc
     plan: object
 
     def record(self, name: str):
@@ -59,23 +63,20 @@ def swarm(tmp_path_factory):
                 procs, "natted", boot.maddrs, model, [900.0, 500.0], "--no-listen", "--planner-method", "petals",
                 timings=TIMINGS,
             )  # fmt: skip
-            start_node(
-                procs,
-                "open",
-                boot.maddrs,
-                model,
-                [800.0, 450.0],
-                "--planner-method",
-                "petals",
+            natted2 = start_node(
+                procs, "natted2", boot.maddrs, model, [700.0], "--no-listen", "--planner-method", "petals",
                 timings=TIMINGS,
-            )
-            plan = wait_for(
-                lambda: observer.served_plan(MODEL_ID, names={"natted", "open"}),
-                150,
-                "a plan over both nodes, loaded",
-                describe=procs.report,
-            )
-            yield Swarm(procs, boot.maddrs, model, observer, natted, plan)
+            )  # fmt: skip
+            start_node(
+                procs, "open", boot.maddrs, model, [800.0, 450.0], "--planner-method", "petals", timings=TIMINGS,
+            )  # fmt: skip
+
+            def ready():
+                plan = observer.served_plan(MODEL_ID, min_placed=3)
+                return plan if plan is not None and len(plan.placement) == 3 else None
+
+            plan = wait_for(ready, 150, "a plan over the three nodes, loaded", describe=procs.report)
+            yield Swarm(procs, boot.maddrs, model, observer, natted, natted2, plan)
         finally:
             observer.close()
 
@@ -114,6 +115,28 @@ def test_its_links_are_measured_and_the_plan_gives_it_layers(swarm) -> None:
     assert swarm.plan.placement.get(record.peer_id), f"no layers for the NATed node: {swarm.plan.placement}"
 
 
+def test_the_link_between_two_natted_nodes_is_measured_through_the_relay_and_planned_with(swarm) -> None:
+    from helix_p2p.swarm.cluster_view import link_between
+
+    def measured():
+        a, b = swarm.record("natted"), swarm.record("natted2")
+        linked = any(m.peer == b.peer_id for m in a.links) or any(m.peer == a.peer_id for m in b.links)
+        return (a, b) if linked else None
+
+    a, b = wait_for(measured, 60, "a measured link between the two NATed nodes", describe=swarm.procs.report)
+    logs = swarm.natted.stderr() + swarm.natted2.stderr()
+    assert (
+        f"link to {b.peer_id} (through a relay)" in logs or f"link to {a.peer_id} (through a relay)" in logs
+    )
+    assert f"reached {b.peer_id} through a relay" in logs or f"reached {a.peer_id} through a relay" in logs
+    # what the planner's cluster holds for the pair is the relayed measurement, not the NIC estimate
+    for src, dst in ((a, b), (b, a)):
+        link = link_between(src, dst)
+        mine = [m.out_bytes_per_s for m in src.links if m.peer == dst.peer_id]
+        theirs = [m.in_bytes_per_s for m in dst.links if m.peer == src.peer_id]
+        assert link.bytes_per_s in mine + theirs, (link, src.links, dst.links)
+
+
 def test_a_client_reaches_it_through_the_relay_and_generates_exactly(swarm) -> None:
     from helix_p2p.client import ClientOptions, HelixClient
     from shard_fixtures import whole_model_greedy
@@ -144,6 +167,6 @@ def test_helix_status_shows_it_as_relayed(swarm) -> None:
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     nodes = {n["name"]: n for n in json.loads(out)["nodes"]}
-    assert nodes["natted"]["reachability"] == "relay"
+    assert nodes["natted"]["reachability"] == nodes["natted2"]["reachability"] == "relay"
     assert nodes["open"]["reachability"] == "direct"
     assert nodes["natted"]["layers"] is not None
