@@ -96,3 +96,19 @@ def test_short_decode_batches_run_inline_only_when_nothing_else_is_served(tmp_pa
     expected.open_session("whole", 64)
     whole = expected.step(StepRequest("whole", token_ids=tokens)).hidden_states
     assert torch.allclose(torch.cat(outputs), whole, atol=1e-5)
+
+
+def test_a_peer_id_is_parsed_once_and_a_bad_one_is_named() -> None:
+    """Every call to the next hop names its peer by text; the parse (pure-Python base58) is
+    remembered, and a string that is not a peer id is a `MalformedMessageError` each time."""
+    from hivemind.p2p import PeerID
+
+    from helix_p2p.protocol import MalformedMessageError
+    from helix_p2p.protocol.transport import parse_peer_id
+
+    text = PeerID(b"\x12\x20" + bytes(range(32))).to_base58()
+    first = parse_peer_id(text)
+    assert first == PeerID.from_base58(text) and parse_peer_id(text) is first
+    for _ in range(2):
+        with pytest.raises(MalformedMessageError, match=r"'not-a-peer-0OIl' is not a peer id"):
+            parse_peer_id("not-a-peer-0OIl")

@@ -22,6 +22,7 @@ leaves it open, since the other calls on it may be fine."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import weakref
 from collections.abc import Callable
@@ -71,6 +72,17 @@ async def read_frame(
     return await reader.readexactly(size)
 
 
+@functools.lru_cache(maxsize=4096)
+def parse_peer_id(peer_id: str) -> PeerID:
+    """`PeerID.from_base58`, remembered: it is pure-Python base58 both ways (~0.1 ms), and every call
+    to the next hop names its peer, on every hop of every step. `MalformedMessageError` if it is not
+    a peer id (not remembered)."""
+    try:
+        return PeerID.from_base58(peer_id)
+    except ValueError as e:
+        raise MalformedMessageError(f"{peer_id!r} is not a peer id ({e})") from None
+
+
 async def call_peer(p2p: P2P, peer_id: str, request: bytes, timeout_s: float) -> Reply:
     """Send an encoded request to `peer_id` and decode its reply (which may be a `Failure`).
     Raises `HopUnreachableError` when the peer does not answer in time or the call breaks."""
@@ -86,14 +98,11 @@ async def exchange(
 ) -> bytes:
     """Send an encoded request and return the reply's bytes, undecoded. A reply that may pass the
     unary cap (a forward's hidden states) is read over a stream, capped at `max_reply_bytes`."""
-    try:
-        peer = PeerID.from_base58(peer_id)
-    except ValueError as e:
-        raise MalformedMessageError(f"{peer_id!r} is not a peer id ({e})") from None
+    peer = parse_peer_id(peer_id)
     try:
         async with asyncio.timeout(timeout_s):
             if len(request) <= UNARY_MAX_BYTES and max_reply_bytes <= UNARY_MAX_BYTES:
-                channel = await _channel(p2p, peer_id, peer)
+                channel = _channel(p2p, peer_id, peer)
                 sealed = await channel.call(seal_request(p2p, CHANNEL_PROTOCOL, peer_id, request))
                 data = open_reply(p2p, CHANNEL_PROTOCOL, peer_id, sealed)
                 if len(data) > max_reply_bytes:
@@ -120,7 +129,7 @@ async def exchange(
 async def unary_call(p2p: P2P, peer_id: str, request: bytes, timeout_s: float) -> Reply:
     """The same call as a hivemind unary call (what every call was before channels; nodes still
     answer it, and `benchmarks/swarm.py` compares a hop's cost with it)."""
-    peer = PeerID.from_base58(peer_id)
+    peer = parse_peer_id(peer_id)
     async with asyncio.timeout(timeout_s):
         response = await p2p.call_protobuf_handler(
             peer,
@@ -197,7 +206,7 @@ class _Channel:
 _CHANNELS: weakref.WeakKeyDictionary[P2P, dict[str, _Channel]] = weakref.WeakKeyDictionary()
 
 
-async def _channel(p2p: P2P, peer_id: str, peer: PeerID) -> _Channel:
+def _channel(p2p: P2P, peer_id: str, peer: PeerID) -> _Channel:
     channels = _CHANNELS.setdefault(p2p, {})
     channel = channels.get(peer_id)
     if channel is None or channel.broken is not None:
