@@ -9,6 +9,7 @@ flow within the tolerance of it. Without a previous plan nothing changes."""
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import replace
 
 import pytest
@@ -17,8 +18,9 @@ from builders import A100, L4, assert_plan_consistent, bundled_cluster, make_clu
 from helix_p2p.cluster import Cluster, Link, NodeId
 from helix_p2p.plan import Plan, PlanError, moved_layers
 from helix_p2p.planner import PlanOptions, plan
-from helix_p2p.planner.classes import node_classes
-from helix_p2p.planner.stability import assign_members
+from helix_p2p.planner.classes import node_classes, split_for_exactness
+from helix_p2p.planner.milp import EXACT_SPLIT_MAX_NODES
+from helix_p2p.planner.stability import assign_members, keep_previous_layers
 
 TOLERANCE = 0.02
 ONE_STAGE = PlanOptions(time_limit_s=30, keep_layers_tolerance=None)
@@ -127,3 +129,33 @@ def test_a_tolerance_outside_zero_to_one_is_a_plan_error(tolerance: float) -> No
     cluster = make_cluster(nodes_of(A100, 2), num_layers=4)
     with pytest.raises(PlanError, match="keep_layers_tolerance"):
         plan(cluster, PlanOptions(keep_layers_tolerance=tolerance))
+
+
+def test_a_placement_the_first_stage_score_rejects_is_not_published(cluster10) -> None:
+    """When the first stage chose by more than flow (`score`), the stage keeps its placement
+    unless the score, too, stays within the tolerance: here only the first stage's own placement
+    scores, so it is published even though others move fewer layers."""
+    cluster, previous = cluster10
+    grown = with_noisy_links(with_new_node(cluster, cluster.nodes[0].id, "newcomer"), 0.05, seed=1)
+    first = plan(grown, ONE_STAGE, previous=previous).placement
+    classes, links = split_for_exactness(grown, node_classes(grown), EXACT_SPLIT_MAX_NODES)
+    options = TWO_STAGE
+
+    def run(score):
+        return keep_previous_layers(
+            grown,
+            classes,
+            links,
+            first,
+            previous.placement,
+            options,
+            time.monotonic() + 20,
+            "full",
+            "highs",
+            score=score,
+        )
+
+    free = run(None)
+    assert moved_layers(previous.placement, free.placement) < moved_layers(previous.placement, first)
+    picky = run(lambda placement: 1.0 if dict(placement) == dict(first) else 0.0)
+    assert picky.placement == first and picky.details["stage"] == "first stage"

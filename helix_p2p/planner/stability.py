@@ -41,7 +41,7 @@ import datetime
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -130,11 +130,14 @@ def keep_previous_layers(
     mode: str,
     backend: str,
     min_layers: int = 1,
+    score: Callable[[Placement], float] | None = None,
 ) -> StageResult:
     """The placement to publish given the first stage's best (`first`) and the previous one: the
     first relabelled within classes, or, if the stage finds one, a placement within the flow
     tolerance that moves fewer layers. `mode` and `min_layers` are build_model's, as in the
-    first stage's search (the stage's model must admit only what the first stage's does)."""
+    first stage's search (the stage's model must admit only what the first stage's does).
+    `score` is what chose `first` when that was more than its flow (e.g. a servability measure):
+    a placement replaces `first` only if its score too is within the tolerance of first's."""
     from helix_p2p.planner.milp import placement_to_counts
 
     relabelled = assign_members(classes, placement_to_counts(classes, first), previous)
@@ -147,8 +150,17 @@ def keep_previous_layers(
     started = time.monotonic()
     floor = (1.0 - tol) * first_flow
     best, best_moved, origin = relabelled, first_moved, "first stage"
+    score_floor = None if score is None else (1.0 - tol) * score(relabelled)
+
+    def acceptable(candidate: Placement) -> bool:
+        # The model may be a relaxation (multi-member classes across slow links): trust only the
+        # exact flow.
+        if max_flow(cluster, candidate).value_tokens_per_s < floor * (1 - 1e-9):
+            return False
+        return score is None or score(candidate) >= score_floor * (1 - 1e-9)
+
     kept = _still_holdable(cluster, previous)
-    if kept and max_flow(cluster, kept).value_tokens_per_s >= floor:
+    if kept and acceptable(kept):
         # Following the previous plan is within the tolerance: nothing needs to move.
         best, best_moved, origin = kept, 0, "previous plan"
     terminations = []
@@ -182,9 +194,7 @@ def keep_previous_layers(
             continue
         candidate = assign_members(classes, counts, previous)
         moved = moved_layers(previous, candidate)
-        # The model may be a relaxation (multi-member classes across slow links): trust only the
-        # exact flow.
-        if max_flow(cluster, candidate).value_tokens_per_s >= floor * (1 - 1e-9) and moved < best_moved:
+        if moved < best_moved and acceptable(candidate):
             best, best_moved = candidate, moved
             origin = "holders kept" if holders_stay else "all nodes free"
     details |= {
