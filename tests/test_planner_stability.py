@@ -61,11 +61,18 @@ def cluster10() -> tuple[Cluster, Plan]:
     return cluster, plan(cluster, ONE_STAGE)
 
 
-def test_a_joining_node_moves_fewer_layers_than_the_one_stage_solve(cluster10) -> None:
+@pytest.fixture(scope="module")
+def joined(cluster10) -> tuple[Cluster, Plan, Plan]:
+    """cluster10 with a node joined and links drifted, planned from cluster10's plan with one
+    stage and with two."""
     cluster, previous = cluster10
     grown = with_noisy_links(with_new_node(cluster, cluster.nodes[0].id, "newcomer"), 0.05, seed=1)
-    one = plan(grown, ONE_STAGE, previous=previous)
-    two = plan(grown, TWO_STAGE, previous=previous)
+    return grown, plan(grown, ONE_STAGE, previous=previous), plan(grown, TWO_STAGE, previous=previous)
+
+
+def test_a_joining_node_moves_fewer_layers_than_the_one_stage_solve(cluster10, joined) -> None:
+    _, previous = cluster10
+    grown, one, two = joined
     assert_plan_consistent(grown, two)
     assert one.details["moved_layers"] == moved_layers(previous.placement, one.placement)
     assert two.details["moved_layers"] == moved_layers(previous.placement, two.placement)
@@ -131,31 +138,25 @@ def test_a_tolerance_outside_zero_to_one_is_a_plan_error(tolerance: float) -> No
         plan(cluster, PlanOptions(keep_layers_tolerance=tolerance))
 
 
-def test_a_placement_the_first_stage_score_rejects_is_not_published(cluster10) -> None:
+def test_a_placement_the_first_stage_score_rejects_is_not_published(cluster10, joined) -> None:
     """When the first stage chose by more than flow (`score`), the stage keeps its placement
     unless the score, too, stays within the tolerance: here only the first stage's own placement
-    scores, so it is published even though others move fewer layers."""
-    cluster, previous = cluster10
-    grown = with_noisy_links(with_new_node(cluster, cluster.nodes[0].id, "newcomer"), 0.05, seed=1)
-    first = plan(grown, ONE_STAGE, previous=previous).placement
+    scores, so it is published though another (the two-stage plan's) moves fewer layers."""
+    _, previous = cluster10
+    grown, one, two = joined
+    assert two.details["moved_layers"] < one.details["moved_layers"]
+    first = one.placement
     classes, links = split_for_exactness(grown, node_classes(grown), EXACT_SPLIT_MAX_NODES)
-    options = TWO_STAGE
-
-    def run(score):
-        return keep_previous_layers(
-            grown,
-            classes,
-            links,
-            first,
-            previous.placement,
-            options,
-            time.monotonic() + 20,
-            "full",
-            "highs",
-            score=score,
-        )
-
-    free = run(None)
-    assert moved_layers(previous.placement, free.placement) < moved_layers(previous.placement, first)
-    picky = run(lambda placement: 1.0 if dict(placement) == dict(first) else 0.0)
+    picky = keep_previous_layers(
+        grown,
+        classes,
+        links,
+        first,
+        previous.placement,
+        TWO_STAGE,
+        time.monotonic() + 20,
+        "full",
+        "highs",
+        score=lambda placement: 1.0 if dict(placement) == dict(first) else 0.0,
+    )
     assert picky.placement == first and picky.details["stage"] == "first stage"
