@@ -93,60 +93,125 @@ def stage_placement(cluster: Cluster, nodes: list[NodeSpec]) -> Placement:
     mixed stages. With many nodes per type this wastes little, where one long pipeline would be
     bottlenecked by its slowest node."""
     num_layers = cluster.model.num_layers
-    act = cluster.model.activation_bytes
     if sum(min(n.max_layers, num_layers) for n in nodes) < num_layers:
         return {}
-
-    def cap(node: NodeSpec, k: int) -> float:
-        return node.capacity_tokens_per_s(k, act)
-
-    def stages_for(target: float) -> list[tuple[int, list[NodeSpec]]]:
-        by_type: dict[tuple, list[NodeSpec]] = {}
-        for node in nodes:
-            by_type.setdefault((node.max_layers, node.tokens_per_s), []).append(node)
-        stages: list[tuple[int, list[NodeSpec]]] = []
-        leftover: list[NodeSpec] = []
-        for group in by_type.values():
-            kmax = min(group[0].max_layers, num_layers)
-            best_k, best_layers, best_size = 1, 0, len(group) + 1
-            for k in range(1, kmax + 1):
-                size = math.ceil(target / cap(group[0], k))
-                layers = (len(group) // size) * k
-                if layers > best_layers:
-                    best_k, best_layers, best_size = k, layers, size
-            whole = len(group) // best_size if best_layers else 0
-            for i in range(whole):
-                stages.append((best_k, group[i * best_size : (i + 1) * best_size]))
-            leftover += group[whole * best_size :]
-        leftover.sort(key=lambda n: -cap(n, 1))
-        while leftover:
-            # a mixed stage as long as its weakest member allows while reaching the target
-            members: list[NodeSpec] = []
-            k = min(n.max_layers for n in leftover)
-            while leftover and sum(cap(n, min(k, n.max_layers)) for n in members) < target:
-                members.append(leftover.pop(0))
-            k = min(min(n.max_layers for n in members), num_layers)
-            if sum(cap(n, k) for n in members) < target:
-                break
-            stages.append((k, members))
-        return stages
-
-    def layers_covered(target: float) -> int:
-        return sum(k for k, _ in stages_for(target))
-
-    lo, hi = 0.0, sum(cap(n, 1) for n in nodes)
+    act = cluster.model.activation_bytes
+    lo, hi = 0.0, sum(n.capacity_tokens_per_s(1, act) for n in nodes)
     for _ in range(50):
         mid = (lo + hi) / 2
-        if layers_covered(mid) >= num_layers:
+        if sum(k for k, _ in _stages_for(cluster, nodes, mid)) >= num_layers:
             lo = mid
         else:
             hi = mid
     if lo <= 0:
         return {}
+    return stage_placement_at(cluster, nodes, lo)
+
+
+def stage_placement_at(cluster: Cluster, nodes: list[NodeSpec], target_tokens_per_s: float) -> Placement:
+    """stage_placement's stages for one target flow, or {} when they do not cover the model. A
+    lower target needs fewer replicas per stage, so types choose longer stages: fewer hops."""
+    num_layers = cluster.model.num_layers
+    stages = _stages_for(cluster, nodes, target_tokens_per_s)
+    if sum(k for k, _ in stages) < num_layers:
+        return {}
     placement: Placement = {}
     start = 0
     # Longest stages first; the last one is cut to end at the last layer (fewer layers, faster).
-    for k, members in sorted(stages_for(lo), key=lambda s: -s[0]):
+    for k, members in sorted(stages, key=lambda s: -s[0]):
+        if start >= num_layers:
+            break
+        end = min(num_layers, start + k)
+        for node in members:
+            placement[node.id] = (start, end)
+        start = end
+    return placement
+
+
+def _stages_for(cluster: Cluster, nodes: list[NodeSpec], target: float) -> list[tuple[int, list[NodeSpec]]]:
+    num_layers = cluster.model.num_layers
+    act = cluster.model.activation_bytes
+
+    def cap(node: NodeSpec, k: int) -> float:
+        return node.capacity_tokens_per_s(k, act)
+
+    by_type: dict[tuple, list[NodeSpec]] = {}
+    for node in nodes:
+        by_type.setdefault((node.max_layers, node.tokens_per_s), []).append(node)
+    stages: list[tuple[int, list[NodeSpec]]] = []
+    leftover: list[NodeSpec] = []
+    for group in by_type.values():
+        kmax = min(group[0].max_layers, num_layers)
+        best_k, best_layers, best_size = 1, 0, len(group) + 1
+        for k in range(1, kmax + 1):
+            # a target that is m replicas' capacity exactly must need m, not m + 1 (float noise)
+            size = math.ceil(target / cap(group[0], k) * (1 - 1e-9))
+            layers = (len(group) // size) * k
+            if layers > best_layers:
+                best_k, best_layers, best_size = k, layers, size
+        whole = len(group) // best_size if best_layers else 0
+        for i in range(whole):
+            stages.append((best_k, group[i * best_size : (i + 1) * best_size]))
+        leftover += group[whole * best_size :]
+    leftover.sort(key=lambda n: -cap(n, 1))
+    while leftover:
+        # a mixed stage as long as its weakest member allows while reaching the target
+        members: list[NodeSpec] = []
+        k = min(n.max_layers for n in leftover)
+        while leftover and sum(cap(n, min(k, n.max_layers)) for n in members) < target:
+            members.append(leftover.pop(0))
+        k = min(min(n.max_layers for n in members), num_layers)
+        if sum(cap(n, k) for n in members) < target:
+            break
+        stages.append((k, members))
+    return stages
+
+
+def shallow_stage_placement(cluster: Cluster, nodes: list[NodeSpec], target_tokens_per_s: float) -> Placement:
+    """Stages of replicas of one GPU type each, every stage carrying `target_tokens_per_s`, in as
+    few stages as cover the model (servable.py: fewer hops per token). For each type and stage
+    length k, a stage needs ceil(target / capacity(k)) replicas; a dynamic programme over layers
+    covered picks how many stages of which length each type forms, minimising the stages; a type's
+    unused members join its stages as extra replicas (more flow, same depth). {} if none covers."""
+    num_layers = cluster.model.num_layers
+    act = cluster.model.activation_bytes
+    groups: dict[tuple, list[NodeSpec]] = {}
+    for node in nodes:
+        groups.setdefault((node.max_layers, node.tokens_per_s), []).append(node)
+    types = list(groups.values())
+    # best[c] = (stages, choices) covering c layers (capped at num_layers) with the types so far
+    best: dict[int, tuple[int, tuple]] = {0: (0, ())}
+    for t, group in enumerate(types):
+        options = [(0, 0, 0)]  # (stages, layers, k)
+        for k in range(1, min(group[0].max_layers, num_layers) + 1):
+            cap = group[0].capacity_tokens_per_s(k, act)
+            if cap <= 0:
+                continue
+            size = math.ceil(target_tokens_per_s / cap * (1 - 1e-9))
+            for j in range(1, len(group) // size + 1):
+                options.append((j, j * k, k))
+        step: dict[int, tuple[int, tuple]] = {}
+        for covered, (stages, choices) in best.items():
+            for j, layers, k in options:
+                c = min(num_layers, covered + layers)
+                cand = (stages + j, (*choices, (t, j, k)))
+                if c not in step or cand[0] < step[c][0]:
+                    step[c] = cand
+        best = step
+    if num_layers not in best:
+        return {}
+    stages: list[tuple[int, list[NodeSpec]]] = []
+    for t, j, k in best[num_layers][1]:
+        if j == 0:
+            continue
+        group = sorted(types[t], key=lambda n: n.id)
+        own = [(k, []) for _ in range(j)]
+        for i, node in enumerate(group):
+            own[i % j][1].append(node)
+        stages += own
+    placement: Placement = {}
+    start = 0
+    for k, members in sorted(stages, key=lambda s: -s[0]):
         if start >= num_layers:
             break
         end = min(num_layers, start + k)
