@@ -48,6 +48,10 @@ class PlanOptions:
     #: the best placement it found for one that moves fewer layers (stability.py: loading weights
     #: is slow, and near-equal optima abound); None takes the best flow found as it is
     keep_layers_tolerance: float | None = 0.02
+    #: MILP: publish, among the max-flow placement and shallower stage placements, the one of most
+    #: flow per hop (flow / mean hops a token passes), the flow that can actually be served
+    #: (servable.py); False publishes the max-flow placement
+    servable: bool = True
 
 
 def plan_from_placement(

@@ -69,6 +69,8 @@ from helix_p2p.planner.classes import (
     split_for_exactness,
 )
 from helix_p2p.planner.core import BACKEND_NAMES, PlanOptions, Progress, plan_from_placement
+from helix_p2p.planner.servable import flow_per_hop, most_servable, servability
+from helix_p2p.planner.servable import stage_reserve_s as servable_reserve_s
 from helix_p2p.planner.stability import keep_previous_layers, stage_reserve_s
 
 _SOLVERS = {
@@ -433,7 +435,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
     classes, links = split_for_exactness(cluster, node_classes(cluster), EXACT_SPLIT_MAX_NODES)
     previous_placement = dict(previous.placement) if previous else None
     # the search stops early enough to leave the keep-layers stage its share (stability.py)
-    search_deadline = deadline - stage_reserve_s(options, previous_placement)
+    search_deadline = deadline - stage_reserve_s(options, previous_placement) - servable_reserve_s(options)
     best = best_heuristic_placement(cluster, options, previous)
     lo = max_flow(cluster, best).value_tokens_per_s
     hi = counting_bound(classes, cluster.model.num_layers, cluster.compute_upper_bound_tokens_per_s())
@@ -498,6 +500,11 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             # Neither found nor refuted in time: probe nearer the bound, where refuting is easier.
             target = (lo + hi) / 2 if improving else (probe + hi) / 2
     hi = max(hi, lo)
+    servable: dict[str, object] = {}
+    if options.servable and not options.partial_inference:
+        # The max flow prices neither depth nor KV: publish the placement that serves most (servable.py).
+        stage = most_servable(cluster, best, deadline - stage_reserve_s(options, previous_placement))
+        best, servable = stage.placement, stage.details
     keep_layers: dict[str, object] = {}
     if previous_placement:
         # Among placements of nearly the best flow, publish one that moves few layers; at least,
@@ -512,6 +519,9 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
             deadline,
             _search_mode(cluster, classes, best, links),
             backend,
+            # a placement that moves fewer layers must not be deeper than the servable choice
+            score=(lambda p: flow_per_hop(servability(cluster, p))) if servable else None,
+            max_mean_hops=servability(cluster, best).mean_hops * (1 + 1e-6) if servable else None,
         )
         best, keep_layers = stage.placement, stage.details
     tracker.report(lo, hi, "done")
@@ -532,6 +542,7 @@ def solve_milp(cluster: Cluster, options: PlanOptions, previous: Plan | None = N
         "warm_start_tokens_per_s": warm_flow,
         "source_of_best": origin,
         "keep_layers": keep_layers,
+        "servable": servable,
         "solves": [
             {
                 "target": a.target,

@@ -131,13 +131,16 @@ def keep_previous_layers(
     backend: str,
     min_layers: int = 1,
     score: Callable[[Placement], float] | None = None,
+    max_mean_hops: float | None = None,
 ) -> StageResult:
     """The placement to publish given the first stage's best (`first`) and the previous one: the
     first relabelled within classes, or, if the stage finds one, a placement within the flow
     tolerance that moves fewer layers. `mode` and `min_layers` are build_model's, as in the
     first stage's search (the stage's model must admit only what the first stage's does).
     `score` is what chose `first` when that was more than its flow (e.g. a servability measure):
-    a placement replaces `first` only if its score too is within the tolerance of first's."""
+    a placement replaces `first` only if its score too is within the tolerance of first's.
+    `max_mean_hops` bounds the stage's sum of node flows by that many times its flow (servable.py:
+    no deeper than the placement the first stage chose), so its search looks where `score` holds."""
     from helix_p2p.planner.milp import placement_to_counts
 
     relabelled = assign_members(classes, placement_to_counts(classes, first), previous)
@@ -167,7 +170,9 @@ def keep_previous_layers(
     proven: float | None = None  # a lower bound on the layers any placement within tolerance moves
     stage = None
     if best_moved > 0:
-        stage = _build_stage(cluster, classes, links, previous, floor, deadline, mode, min_layers)
+        stage = _build_stage(
+            cluster, classes, links, previous, floor, deadline, mode, min_layers, max_mean_hops
+        )
         if stage is None:
             terminations.append("OUT_OF_TIME_BUILDING")
     # Two searches in one model, each from the best so far: first with every previous holder kept
@@ -238,6 +243,7 @@ def _build_stage(
     deadline: float,
     mode: str,
     min_layers: int,
+    max_mean_hops: float | None = None,
 ) -> _StageModel | None:
     """The model of the module docstring, or None if building it ran past the deadline."""
     from helix_p2p.planner.milp import _OutOfTime, add_cover_cuts, build_model
@@ -247,6 +253,8 @@ def _build_stage(
         depth = {"min_layers": min_layers} if min_layers != 1 else {}
         cm = build_model(cluster, classes, mode, links=links, deadline=deadline, **depth)
         cm.model.add_linear_constraint(cm.flow >= floor)
+        if max_mean_hops is not None:
+            cm.model.add_linear_constraint(mathopt.fast_sum(cm.h.values()) <= max_mean_hops * cm.flow)
         add_cover_cuts(cm, cluster, floor, deadline=deadline)
         moved = _moved_expression(cm.model, classes, cm.y, previous)
     except _OutOfTime:
