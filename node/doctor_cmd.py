@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_swarm_arguments(p)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on for the reachability check")
     p.add_argument("--port", type=int, default=0, help="port to test (use the one your node will use)")
+    p.add_argument(
+        "--no-listen",
+        action="store_true",
+        help="listen on no address, as `helix-node join --no-listen` (what a node behind a strict NAT gets)",
+    )
     p.add_argument("--peers", type=int, default=3, help="nodes to measure links to (default 3)")
     p.add_argument("--probe-bytes", type=int, default=1 << 20, help="bytes each way per bandwidth probe")
     p.add_argument("--device", default="auto", help="device to report on: auto, cpu, cuda or cuda:N")
@@ -49,7 +54,15 @@ async def check_network(args: argparse.Namespace, say: Callable[[str], None]) ->
     from helix_p2p.swarm.probe import ProbeError, ProbeServer, measure_link
     from helix_p2p.swarm.reachability import ReachServer, ask_dial_back
     from helix_p2p.swarm.records import Reachability
-    from helix_p2p.swarm.relay import RelayDialer, RelayError, circuit_addr, relayed_targets, reserve
+    from helix_p2p.swarm.relay import (
+        RELAYED_PROBE_BYTES,
+        RelayDialer,
+        RelayError,
+        circuit_addr,
+        relayed_connection,
+        relayed_targets,
+        reserve,
+    )
     from helix_p2p.swarm.status import swarm_status
 
     bootstrap = args.initial_peers[0].rsplit("/p2p/", 1)[-1]
@@ -62,6 +75,7 @@ async def check_network(args: argparse.Namespace, say: Callable[[str], None]) ->
             host=args.host,
             port=args.port,
             swarm_key_path=args.swarm_key,
+            no_listen=args.no_listen,
         ) as dht:
             say(
                 f"{OK} reached the swarm through {args.initial_peers[0]} in {time.monotonic() - started:.1f} s"
@@ -110,10 +124,15 @@ async def check_network(args: argparse.Namespace, say: Callable[[str], None]) ->
                     if peer == bootstrap
                     else next((n["name"] or peer for n in status["nodes"] if n["peer_id"] == peer), peer)
                 )
+                probe_bytes = args.probe_bytes
                 if peer in records and records[peer].reachability == Reachability.RELAY:
-                    label += " (behind a NAT, through its relay)"
+                    label += " (behind a NAT)"
+                    if await relayed_connection(dht.p2p, peer):
+                        # a relay resets a connection past its cap (128 KiB each way in p2pd)
+                        label += f", through its relay, probed with {RELAYED_PROBE_BYTES // 1024} KiB"
+                        probe_bytes = min(probe_bytes, RELAYED_PROBE_BYTES)
                 try:
-                    m = await measure_link(dht.p2p, peer, probe_bytes=args.probe_bytes)
+                    m = await measure_link(dht.p2p, peer, probe_bytes=probe_bytes)
                 except ProbeError as e:
                     say(f"{WARN} link to {label}: not measured ({e})")
                     continue

@@ -52,7 +52,7 @@ def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
 @asynccontextmanager
 async def swarm_client(
     initial_peers: list[str], prefix: str, connect_timeout_s: float, *, client_mode: bool = True, host: str = "127.0.0.1",
-    port: int = 0, swarm_key_path: str | None = None,
+    port: int = 0, swarm_key_path: str | None = None, no_listen: bool = False,
 ) -> AsyncIterator:  # fmt: skip
     """A DHT peer for one command, with a throw-away identity (its key file is removed after)."""
     from helix_p2p.swarm.dht import NetworkOptions, SwarmDHT
@@ -67,6 +67,7 @@ async def swarm_client(
             port=port,
             client_mode=client_mode,
             use_auto_relay=False,
+            no_listen=no_listen,
             connect_timeout_s=connect_timeout_s,
             check_identity_free=False,
             swarm_key=swarm_key,
@@ -83,9 +84,8 @@ async def swarm_client(
 
 
 async def read_status(args: argparse.Namespace) -> dict:
-    from helix_p2p.swarm.status import plan_served, swarm_status
-
     from helix_p2p.swarm.dht import SwarmConnectError
+    from helix_p2p.swarm.status import plan_served, swarm_status
 
     deadline = time.monotonic() + args.wait_s
     while True:

@@ -170,7 +170,8 @@ def test_a_peer_listening_nowhere_is_reached_only_through_its_reservation() -> N
     """Three p2p daemons: a relay, a peer with no listening address (a NAT that lets nothing in),
     and a caller. The caller cannot reach the peer directly, and the relay forwards only to peers
     that reserved a slot; once the peer holds one, the caller connects through the circuit and
-    calls the peer's handler."""
+    calls the peer's handler. A probe over the circuit measures the relay; one larger than the
+    relay's per-connection cap never completes."""
     from google.protobuf.wrappers_pb2 import BytesValue
     from hivemind.p2p import P2P
     from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
