@@ -307,7 +307,7 @@ def _solve_stage(
     termination = result.termination.reason.name
     bound = _dual_bound(result)
     # moved is an integer: a bound of 11.2 proves 12
-    lower = None if bound is None else math.ceil(bound - 1e-6)
+    lower = None if bound is None else max(0, math.ceil(bound - 1e-6))
     if not result.has_primal_feasible_solution():
         return None, termination, lower
     values = result.variable_values()
