@@ -15,8 +15,11 @@ returns the running `DataPlane`. For each message:
   closed by a reaper.
 
 Steps are not run one by one: each shard has a `_Batcher` that takes every step ready when the
-previous forward finishes and runs them as one `Shard.step_batch` (continuous batching) in a worker
-thread, so the event loop keeps receiving and forwarding meanwhile.
+previous forward finishes and runs them as one `Shard.step_batch` (continuous batching) on the
+shard's worker thread (`node.forward_worker`), so the event loop keeps receiving and forwarding
+meanwhile. A short decode batch that holds every call the node is serving runs on the loop itself
+instead (`INLINE_FORWARD_S`): nothing of the data plane waits meanwhile, and the hand-off to the
+thread and back would be a large part of the hop's cost.
 
 Every message is validated before use (`helix_p2p.protocol.wire`, then the shard's own checks), and
 every refusal is an error reply naming the peer and the reason; nothing a caller sends stops the
