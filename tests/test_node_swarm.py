@@ -326,10 +326,16 @@ def test_records_forged_for_another_peer_are_refused(swarm):
 
 
 def test_a_node_behind_nat_joins_and_is_measured(swarm):
-    nat = wait_for(lambda: swarm.live().get("nat"), 60, "the NAT node in the registry")
-    # it accepts no inbound connection: its record says it is reached only through a relay, and
-    # it keeps out of the DHT's routing (client mode)
-    assert nat.reachability.value == "relay" and nat.dht_client_mode and nat.addrs == ()
+    nat = wait_for(
+        lambda: (r := swarm.live().get("nat")) is not None and r.addrs and r,
+        60,
+        "the NAT node in the registry, with the address of its relay slot",
+        describe=swarm.report,
+    )
+    # it accepts no inbound connection: its record says it is reached only through a relay (the
+    # circuit through the bootstrap is its only address), and it keeps out of the DHT's routing
+    assert nat.reachability.value == "relay" and nat.dht_client_mode
+    assert nat.addrs == (f"{swarm.maddrs[0]}/p2p-circuit/p2p/{nat.peer_id}",), nat.addrs
 
     def links_with_nat():
         records = swarm.live()
