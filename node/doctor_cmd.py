@@ -84,9 +84,12 @@ async def check_network(args: argparse.Namespace, say: Callable[[str], None]) ->
             await ReachServer().register(dht.p2p)
             addrs = await dht.visible_maddrs()
             ports = sorted({a.split("/tcp/")[1].split("/")[0] for a in addrs if "/tcp/" in a})
-            say(
-                f"{OK} listening on TCP port(s) {', '.join(ports) or '-'}: {', '.join(addrs) or 'no address'}"
-            )
+            if args.no_listen:
+                say(f"{OK} listening on no address (--no-listen): only a relay slot lets peers in")
+            else:
+                say(
+                    f"{OK} listening on TCP port(s) {', '.join(ports) or '-'}: {', '.join(addrs) or 'no address'}"
+                )
 
             reach = await ask_dial_back(dht.p2p, bootstrap, addrs)
             if reach.reachable:
