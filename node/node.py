@@ -424,7 +424,10 @@ class Node:
                     self._reach_relayed(plan_neighbors(self.peer_id, self.followed))
                 )
             if elected == self.peer_id and not self.leaving:
-                self.planner.tick(records, plans, self.followed, now, await self._banned(records, now))
+                # the reports are read first: a solve finishing during that read sets `followed`, and a
+                # tick given the value from before it would plan again (a second epoch-1 plan, seen)
+                banned = await self._banned(records, now)
+                self.planner.tick(records, plans, self.followed, now, banned)
             await asyncio.sleep(self.config.poll_s)
 
     async def _banned(self, records: dict[str, NodeRecord], now: float) -> frozenset[str]:
