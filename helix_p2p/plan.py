@@ -59,13 +59,16 @@ class PlacementRecord:
 
 
 def moved_layers(old: Mapping[str, tuple[int, int]], new: Mapping[str, tuple[int, int]]) -> int:
-    """How many (node, layer) pairs `new` assigns that `old` did not: the layers nodes must load
-    to follow it (all of a range for a node that held nothing)."""
+    """How many (node, layer) pairs `new` assigns to nodes serving in `old` that `old` did not
+    give them: the layers serving nodes must load to follow it, each load a node's pause. A node
+    that held nothing (a newcomer, an idle node) loads without interrupting anyone, so its layers
+    do not count: re-plans must not leave a joining volunteer idle to save a "move"."""
     total = 0
     for node, (start, end) in new.items():
         previous = old.get(node)
-        overlap = 0 if previous is None else max(0, min(end, previous[1]) - max(start, previous[0]))
-        total += (end - start) - overlap
+        if previous is None:
+            continue
+        total += (end - start) - max(0, min(end, previous[1]) - max(start, previous[0]))
     return total
 
 

@@ -124,7 +124,9 @@ def test_moved_layers_counts_only_new_layers():
     assert moved_layers(old, old) == 0
     assert moved_layers(old, {"a": (0, 5), "b": (5, 8)}) == 1
     assert moved_layers(old, {"a": (4, 8), "b": (0, 4)}) == 8
-    assert moved_layers(old, {"a": (0, 4), "c": (4, 8)}) == 4
+    # a node that held nothing loads without pausing anyone: not a move
+    assert moved_layers(old, {"a": (0, 4), "c": (4, 8)}) == 0
+    assert moved_layers(old, {"a": (0, 4), "b": (0, 4), "c": (4, 8)}) == 4
 
 
 def test_keys_live_under_the_prefix_and_shard_the_registry():

@@ -8,17 +8,21 @@ after its search (milp.solve_milp):
   among placements whose flow is at least (1 - tol) * F1, where F1 is the exact max flow of the
   first stage's best placement, choose one that makes nodes load the fewest new layers.
 
-Moved layers (`helix_p2p.plan.moved_layers`): sum over the nodes of the new placement of the
-layers a node must newly load, |new range \\ previous range| (all of them for a node that held
-nothing). The model is milp.build_model's (same variables y[c,s,k] = members of class c holding
+Moved layers (`helix_p2p.plan.moved_layers`): sum over the nodes that held a range of the layers
+they must newly load, |new range \\ previous range|. A node that held nothing (a newcomer) loads
+without interrupting anyone, so its layers are free: in the model below it is a supply N[c] of
+members that keep any range whole (w), and after the stage `place_idle` gives still-idle nodes the
+range that adds most flow (the stage is indifferent to them). The model is milp.build_model's (same variables y[c,s,k] = members of class c holding
 [s, s+k), same flow rows and cover cuts), with the flow constrained instead of maximised and:
 
   P[c,r]                   members of class c that previously held range r (data)
   z[c,r,key] >= 0          members of c moved from previous range r onto the new range `key`,
                            only for ranges that overlap r (the others keep nothing)
+  w[c,key] >= 0            newcomers of c (N[c] of them: members that held nothing) on `key`
   (a) sum_key z[c,r,key] <= P[c,r]      a member keeps at most one range
-  (b) sum_r z[c,r,key]   <= y[key]      a new range is kept by at most as many members as hold it
-  kept  = sum overlap(r, key) * z[c,r,key]
+  (a') sum_key w[c,key]  <= N[c]
+  (b) sum_r z[c,r,key] + w[c,key] <= y[key]   a new range is kept by at most as many as hold it
+  kept  = sum overlap(r, key) * z[c,r,key] + sum k * w[c,key]
   min   moved = sum_key k * y[key] - kept
   s.t.  flow >= (1 - tol) * F1,  moved <= moved(first stage's placement)
 
@@ -109,7 +113,7 @@ def assign_members(
 
 def _to_load(new: tuple[int, int], old: tuple[int, int] | None) -> int:
     if old is None:
-        return new[1] - new[0]
+        return 0  # a node that held nothing interrupts no one by loading (plan.moved_layers)
     return (new[1] - new[0]) - max(0, min(new[1], old[1]) - max(new[0], old[0]))
 
 
@@ -149,7 +153,8 @@ def keep_previous_layers(
     tol = options.keep_layers_tolerance
     details: dict[str, object] = {"best_flow_tokens_per_s": first_flow, "best_flow_moved_layers": first_moved}
     if tol is None or options.partial_inference or first_moved == 0 or first_flow <= 0:
-        return StageResult(relabelled, details | {"stage": "skipped"})
+        filled = place_idle(cluster, relabelled, deadline)
+        return StageResult(filled, details | {"stage": "skipped", "idle_placed": len(filled) - len(relabelled)})
     started = time.monotonic()
     floor = (1.0 - tol) * first_flow
     best, best_moved, origin = relabelled, first_moved, "first stage"
@@ -212,6 +217,11 @@ def keep_previous_layers(
         if proven is None
         else min(best_moved, proven),
     }
+    # The stage is indifferent to newcomers (their loads are free); give those it left idle the
+    # range that adds most flow, if it keeps the score.
+    filled = place_idle(cluster, best, deadline, accept=acceptable)
+    details["idle_placed"] = len(filled) - len(best)
+    best = filled
     if best is not relabelled:
         log.info(
             "keeping layers: %d moved instead of %d, flow %.2f instead of %.2f tokens/s (%s)",
@@ -222,6 +232,53 @@ def keep_previous_layers(
             origin,
         )
     return StageResult(dict(best), details)
+
+
+#: seconds past the stage's deadline that placing idle nodes may still take (a newcomer left
+#: idle is a volunteer's GPU wasted until the next re-plan)
+IDLE_GRACE_S = 1.0
+
+
+def place_idle(
+    cluster: Cluster,
+    placement: Placement,
+    deadline: float,
+    accept: Callable[[Placement], bool] | None = None,
+) -> dict[NodeId, tuple[int, int]]:
+    """`placement` with each node that holds nothing given, greedily (fastest first), the range
+    that raises the exact max flow most, when one raises it and `accept` agrees. Adding a node
+    never lowers max flow and loading it pauses no one, so this costs the swarm nothing; ranges
+    are tried longest first so a short deadline still tries the node's fullest ranges."""
+    result = dict(placement)
+    num_layers = cluster.model.num_layers
+    idle = sorted(
+        (n for n in cluster.nodes if n.id not in result and n.max_layers > 0),
+        key=lambda n: -max(n.tokens_per_s, default=0.0),
+    )
+    if not idle:
+        return result
+    flow = max_flow(cluster, result).value_tokens_per_s
+
+    def late() -> bool:
+        return time.monotonic() > deadline + IDLE_GRACE_S
+
+    for i, node in enumerate(idle):
+        if i > 0 and late():
+            break  # the first idle node gets its fullest ranges tried whatever the clock says
+        best_range, best_flow = None, flow * (1 + 1e-9) + 1e-9
+        top_k = min(node.max_layers, num_layers)
+        for k in range(top_k, 0, -1):
+            if k < top_k and late():
+                break
+            for start in range(num_layers - k + 1):
+                candidate = result | {node.id: (start, start + k)}
+                value = max_flow(cluster, candidate).value_tokens_per_s
+                if value > best_flow and (accept is None or accept(candidate)):
+                    best_range, best_flow = (start, start + k), value
+        if best_range is not None:
+            result[node.id] = best_range
+            flow = best_flow
+    return result
 
 
 @dataclass
@@ -327,6 +384,18 @@ def _moved_expression(
         by_class.setdefault(key[0], []).append(key)
     kept_terms = []
     keepers: dict[Key, list[mathopt.Variable]] = {}
+    for c, cls in enumerate(classes):
+        newcomers = sum(1 for m in cls.members if m not in previous)
+        if newcomers == 0:
+            continue
+        row = []
+        for key in by_class.get(c, []):
+            w = model.add_variable(lb=0, ub=newcomers, name=f"w[{key}]")
+            row.append(w)
+            keepers.setdefault(key, []).append(w)
+            kept_terms.append(key[2] * w)
+        if row:
+            model.add_linear_constraint(mathopt.fast_sum(row) <= newcomers)  # (a')
     for (c, (old_start, old_end)), supply in held.items():
         row = []
         for key in by_class.get(c, []):
