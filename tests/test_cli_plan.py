@@ -31,6 +31,7 @@ from builders import (
 )
 
 from helix_p2p.cli import main as helix_main
+from helix_p2p.flow import max_flow
 from helix_p2p.formats import cluster_to_dict, read_cluster, read_plan, write_cluster
 from helix_p2p.planner import PlanOptions, plan
 
@@ -134,6 +135,10 @@ def test_milp_with_a_time_limit(tmp_path: Path) -> None:
     # the table shows the flow, the bound and the gap
     assert f"{written.objective_tokens_per_s:.2f} tokens/s" in result.stdout
     assert f"{written.upper_bound_tokens_per_s:.2f} tokens/s" in result.stdout and "gap" in result.stdout
+    # and how deep a token's path is, so a gap given up for depth does not read as a solver stopping short
+    flows = max_flow(cluster, written.placement)
+    hops = sum(flows.node_flow_tokens_per_s.values()) / flows.value_tokens_per_s
+    assert f"depth      {hops:.1f} hops a token" in result.stdout
 
 
 @SLOW_START

@@ -141,6 +141,19 @@ def print_plan(cluster: Cluster, result: Plan, out: TextIO) -> None:
         w("bound      none proven by this method\n")
     else:
         w(f"bound      {result.upper_bound_tokens_per_s:.2f} tokens/s (gap {100 * (result.gap or 0):.4f}%)\n")
+    servable = result.details.get("servable") or {}
+    max_flow_hops = servable.get("max_flow_placement_mean_hops")
+    chosen_hops = servable.get("chosen_mean_hops")
+    if isinstance(max_flow_hops, (int, float)) and isinstance(chosen_hops, (int, float)):
+        if chosen_hops < max_flow_hops:
+            # Without this line the gap reads as a solver that stopped short.
+            w(
+                f"depth      {chosen_hops:.1f} hops a token; the max-flow placement "
+                f"({servable['max_flow_placement_tokens_per_s']:.2f} tokens/s) needs {max_flow_hops:.1f}, "
+                f"so this one serves more (planner/servable.py)\n"
+            )
+        else:
+            w(f"depth      {chosen_hops:.1f} hops a token (the max-flow placement is also the shallowest)\n")
     w(
         f"compute    {cluster.compute_upper_bound_tokens_per_s():.2f} tokens/s (every node at its best layer count)\n"
     )
