@@ -12,50 +12,113 @@ checkpoint), `sessions`, `kv_cache`, `runner` (validation, batching, forwards), 
     result.hidden_states  # [3, hidden], for the shard holding layers [8, ...)
 """
 
-from helix_p2p.shard.api import SessionId, SessionInfo, ShardSpec, StepRequest, StepResult
-from helix_p2p.shard.build import load_shard, resolve_device
-from helix_p2p.shard.chain import LocalChain
-from helix_p2p.shard.errors import (
-    BadStepError,
-    CheckpointError,
-    DeviceError,
-    KVCapacityError,
-    LayerRangeError,
-    LayersNotHeldError,
-    MissingTensorError,
-    SamplingError,
-    SessionClosedError,
-    SessionError,
-    SessionExistsError,
-    SessionLengthError,
-    ShardError,
-    ShardSpecError,
-    UnknownSessionError,
-    UnsupportedModelError,
-)
-from helix_p2p.shard.families import FAMILIES
-from helix_p2p.shard.loading import Checkpoint, open_checkpoint
-from helix_p2p.shard.memory import (
-    bytes_per_layer,
-    dtype_bytes,
-    embedding_bytes,
-    head_bytes,
-    kv_bytes_per_token_per_layer,
-    max_layers_for_budget,
-    model_shape,
-    parse_dtype,
-    shard_weight_bytes,
-)
-from helix_p2p.shard.profile import (
-    DeviceProfile,
-    ProfileError,
-    ProfileOptions,
-    cached_profile,
-    profile_device,
-)
-from helix_p2p.shard.runner import Shard
-from helix_p2p.shard.sampling import GREEDY, SamplingParams
-from helix_p2p.shard.tiny import TinyModelSpec, make_tiny_model
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Nothing is imported up front: a client needs only `sampling` and `errors`, and `build`, `families`
+# and `chain` pull in transformers' model classes and torch's compiler stack, about 3.5 s of CPU at
+# the start of every `helix generate`, `helix serve` or library client. Names load on first use.
+_HOMES = {
+    "api": ("SessionId", "SessionInfo", "ShardSpec", "StepRequest", "StepResult"),
+    "build": ("load_shard", "resolve_device"),
+    "chain": ("LocalChain",),
+    "errors": (
+        "BadStepError",
+        "CheckpointError",
+        "DeviceError",
+        "KVCapacityError",
+        "LayerRangeError",
+        "LayersNotHeldError",
+        "MissingTensorError",
+        "SamplingError",
+        "SessionClosedError",
+        "SessionError",
+        "SessionExistsError",
+        "SessionLengthError",
+        "ShardError",
+        "ShardSpecError",
+        "UnknownSessionError",
+        "UnsupportedModelError",
+    ),
+    "families": ("FAMILIES",),
+    "loading": ("Checkpoint", "open_checkpoint"),
+    "memory": (
+        "bytes_per_layer",
+        "dtype_bytes",
+        "embedding_bytes",
+        "head_bytes",
+        "kv_bytes_per_token_per_layer",
+        "max_layers_for_budget",
+        "model_shape",
+        "parse_dtype",
+        "shard_weight_bytes",
+    ),
+    "profile": ("DeviceProfile", "ProfileError", "ProfileOptions", "cached_profile", "profile_device"),
+    "runner": ("Shard",),
+    "sampling": ("GREEDY", "SamplingParams"),
+    "tiny": ("TinyModelSpec", "make_tiny_model"),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from helix_p2p.shard.api import SessionId, SessionInfo, ShardSpec, StepRequest, StepResult
+    from helix_p2p.shard.build import load_shard, resolve_device
+    from helix_p2p.shard.chain import LocalChain
+    from helix_p2p.shard.errors import (
+        BadStepError,
+        CheckpointError,
+        DeviceError,
+        KVCapacityError,
+        LayerRangeError,
+        LayersNotHeldError,
+        MissingTensorError,
+        SamplingError,
+        SessionClosedError,
+        SessionError,
+        SessionExistsError,
+        SessionLengthError,
+        ShardError,
+        ShardSpecError,
+        UnknownSessionError,
+        UnsupportedModelError,
+    )
+    from helix_p2p.shard.families import FAMILIES
+    from helix_p2p.shard.loading import Checkpoint, open_checkpoint
+    from helix_p2p.shard.memory import (
+        bytes_per_layer,
+        dtype_bytes,
+        embedding_bytes,
+        head_bytes,
+        kv_bytes_per_token_per_layer,
+        max_layers_for_budget,
+        model_shape,
+        parse_dtype,
+        shard_weight_bytes,
+    )
+    from helix_p2p.shard.profile import (
+        DeviceProfile,
+        ProfileError,
+        ProfileOptions,
+        cached_profile,
+        profile_device,
+    )
+    from helix_p2p.shard.runner import Shard
+    from helix_p2p.shard.sampling import GREEDY, SamplingParams
+    from helix_p2p.shard.tiny import TinyModelSpec, make_tiny_model
 
 __all__ = [
     "FAMILIES",
