@@ -189,10 +189,25 @@ def test_petals_seed_is_honoured(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert seed_3 != plan(cluster, PlanOptions(method="petals", seed=0)).placement  # so the seed mattered
 
 
+def test_max_flow_publishes_the_bare_max_flow_placement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default may give up flow for fewer hops (planner/servable.py); --max-flow does not."""
+    path = small_cluster_file(tmp_path)
+    outs = {flag: tmp_path / f"{flag or 'default'}.json" for flag in ("", "--max-flow")}
+    for flag, out in outs.items():
+        done = helix_plan_here(capsys, path, "--time-limit", "10", "--out", out, *([flag] if flag else []))
+        assert done.returncode == 0, done.stderr
+    cluster = read_cluster(path)
+    default, bare = (read_plan(out) for out in outs.values())
+    assert bare.objective_tokens_per_s >= default.objective_tokens_per_s * (1 - 1e-9)
+    assert bare.upper_bound_tokens_per_s is not None
+    assert bare.objective_tokens_per_s >= bare.upper_bound_tokens_per_s * (1 - 1e-6)  # proven optimal here
+    assert_plan_consistent(cluster, bare)
+
+
 def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     result = helix_plan_here(capsys, "--help")
     assert result.returncode == 0
-    for option in ("--method", "--time-limit", "--partial-inference", "--out", "--seed"):
+    for option in ("--method", "--time-limit", "--partial-inference", "--out", "--seed", "--max-flow"):
         assert option in result.stdout, option
     for method in ("milp", "petals", "swarm", "sp"):
         assert method in result.stdout

@@ -19,10 +19,11 @@ from helix_p2p.progress import advance_to, progress_bar
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "plan",
-        help="choose which layers every node holds (max-flow placement)",
+        help="choose which layers every node holds (max-flow placement, as deep as it serves)",
         description=(
             "Place a model's layers on a cluster so that the tokens/s the cluster can carry (the max "
-            "flow) is largest. CLUSTER is a helix-cluster/1 file or a bundled cluster's name: "
+            "flow) is largest, among placements shallow enough to serve it (--max-flow: the bare max "
+            "flow). CLUSTER is a helix-cluster/1 file or a bundled cluster's name: "
             + ", ".join(bundled_cluster_names())
         ),
     )
@@ -39,6 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--partial-inference",
         action="store_true",
         help="let a node take over in the middle of another's range (DESIGN.md)",
+    )
+    p.add_argument(
+        "--max-flow",
+        action="store_true",
+        help="publish the max-flow placement even when a shallower one serves more "
+        "(default: the placement of most flow per hop; planner/servable.py)",
     )
     p.add_argument("--out", metavar="PLAN.json", help="write the plan as helix-plan/1")
     p.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default: 0)")
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         time_limit_s=args.time_limit,
         partial_inference=args.partial_inference,
+        servable=not args.max_flow,
         seed=args.seed,
         threads=args.threads,
         backend=args.backend,
