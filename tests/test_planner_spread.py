@@ -5,11 +5,13 @@ worked out from the builders' round tables."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import pytest
 from builders import A100, L4, T4, assert_plan_consistent, make_cluster, node
 
+from helix_p2p.cluster import NodeId
 from helix_p2p.flow import max_flow
 from helix_p2p.plan import Plan
 from helix_p2p.planner import PlanOptions, plan, plan_from_placement
@@ -103,3 +105,33 @@ def test_a_graph_over_the_size_cap_keeps_the_max_flow_split(monkeypatch: pytest.
     monkeypatch.setattr(spread, "MAX_EDGES", 2)  # this placement has 4 edges
     before = plan_from_placement(CLUSTER, PLACEMENT, method="t", solve_seconds=0.0)
     assert spread_plan(CLUSTER, before) is before
+
+
+# Two stages of two equal L4 replicas (600 tokens/s each at 1 layer): max flow 1200. An LP answer is
+# a vertex, so its edge flows pin each first-stage replica to one second-stage replica (two disjoint
+# chains, and IWRR, which uses only edges with planned flow, serves 2 pipelines of the 4 the placement
+# allows). Step 3 re-splits each layer boundary in proportion: 600 * 600 / 1200 = 300 on every edge.
+STAGES = make_cluster([node(n, L4) for n in ("p", "q", "r", "s")], num_layers=2)
+STAGED = {NodeId("p"): (0, 1), NodeId("q"): (0, 1), NodeId("r"): (1, 2), NodeId("s"): (1, 2)}
+
+
+def test_each_boundary_is_split_in_proportion_so_iwrr_mixes_every_pipeline() -> None:
+    after = spread_plan(STAGES, plan_from_placement(STAGES, STAGED, method="t", solve_seconds=0.0))
+    assert_plan_consistent(STAGES, after)
+    middle = {(f.src, f.dst): f.tokens_per_s for f in after.flows if f.src != "source" and f.dst != "sink"}
+    assert middle == pytest.approx({(u, v): 300.0 for u in ("p", "q") for v in ("r", "s")}, rel=1e-9)
+    router = IwrrRouter(RouteGraph(after))
+    loads = {n: NodeStatus(free_kv_tokens=10**9, kv_budget_tokens=10**9) for n in STAGED}
+    pipelines = Counter(router.route(RouteRequest(100, 100), loads).peers for _ in range(400))  # type: ignore[union-attr]
+    assert sorted(pipelines.values()) == [100, 100, 100, 100]
+
+
+def test_a_boundary_whose_proportional_split_breaks_a_link_keeps_the_lp_split() -> None:
+    # p -> s can carry 100 tokens/s, less than the 300 a proportional split puts there.
+    links = [("p", "r"), ("q", "r"), ("q", "s"), ("p", "s", 100.0)]
+    cluster = make_cluster([node(n, L4) for n in ("p", "q", "r", "s")], num_layers=2, links=links)
+    after = spread_plan(cluster, plan_from_placement(cluster, STAGED, method="t", solve_seconds=0.0))
+    assert after.details["flows"] == "spread"
+    assert_plan_consistent(cluster, after)  # includes every link's capacity
+    assert after.objective_tokens_per_s == 1200.0
+    assert {(f.src, f.dst): f.tokens_per_s for f in after.flows}.get(("p", "s"), 0.0) <= 100.0 + 1e-9

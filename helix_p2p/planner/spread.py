@@ -16,9 +16,26 @@ the source sends F):
 2. with t held at its optimum, minimise U subject to x_v <= U * cap_v: among those, the most-used
    node is used as little as possible, so the slack is shared rather than piled on one branch.
 
-Both are LPs (GLOP); the result is re-checked by `check_flows` and kept only if it is feasible and
-carries F within 1e-9 relative, otherwise the max flow's own edge flows stay. The total flow, the
-placement and the bound never change: only the split between parallel branches does."""
+Both are LPs (GLOP). An LP answer is a vertex of its polytope, so its edge flows are sparse: on a
+stage placement (LLaMA-2-70B, 24 GPUs: 4 A100 stages, then 4 stages of 2 L4s, then 4 of 3 T4s) it
+sends each replica's whole output to one replica of the next stage, i.e. a few disjoint chains.
+IWRR uses only edges with planned flow, so every request was pinned to one of 4 pipelines, while
+random routing mixes 1,000+; the pinned requests move through a chain in lockstep (fewer, larger
+batches: an A100 busy 20% of the time instead of 78%, a token taking 1.20 s instead of 0.99 s),
+and IWRR served 295 decode tokens/s where random served 341 on the same placement.
+
+3. So, keeping every node's throughput x_v from the LPs, each layer boundary's flow is re-split
+   in proportion: without partial inference every edge u -> v crosses the boundary end(u) =
+   start(v), and the flow over one boundary is a transport problem with row sums x_u and column
+   sums x_v, independent of the other boundaries. Iterative proportional fitting over the edges
+   the placement enables gives its maximum-entropy solution (with every pair linked, f_uv =
+   x_u x_v / X, each replica's output spread over the next stage as that stage's shares), so IWRR
+   interleaves requests over every path the placement allows. A boundary whose mixed split would
+   break a link's capacity (or that does not converge) keeps the LP's split.
+
+The result is re-checked by `check_flows` and kept only if it is feasible and carries F within
+1e-9 relative, otherwise the max flow's own edge flows stay. The total flow, the placement and the
+bound never change: only the split between parallel branches does."""
 
 from __future__ import annotations
 
@@ -111,7 +128,11 @@ def spread_flows(
     values = (second or first).variable_values()
 
     floor = total_tokens_per_s * _NEGLIGIBLE
-    flows = tuple(EdgeFlow(e.src, e.dst, values[f[i]]) for i, e in enumerate(edges) if values[f[i]] > floor)
+    split = {(e.src, e.dst): values[f[i]] for i, e in enumerate(edges) if values[f[i]] > floor}
+    if not partial_inference:
+        caps_by_edge = {(e.src, e.dst): e.capacity_tokens_per_s for e in edges}
+        split = mix_boundaries(split, caps_by_edge, placement)
+    flows = tuple(EdgeFlow(src, dst, value) for (src, dst), value in split.items() if value > floor)
     try:
         value = check_flows(cluster, placement, flows, partial_inference)
     except FlowCheckError as e:
@@ -125,6 +146,66 @@ def spread_flows(
         )
         return None
     return flows
+
+
+def mix_boundaries(
+    flows: dict[tuple[str, str], float],
+    capacity: dict[tuple[str, str], float],
+    placement: Placement,
+) -> dict[tuple[str, str], float]:
+    """`flows` (edge -> tokens/s, no partial inference) with each layer boundary's flow re-split by
+    iterative proportional fitting over the `capacity` edges between nodes that carry flow: the
+    same flow through every node, spread over every enabled edge (module docstring, step 3)."""
+    out_sum: dict[str, float] = {}
+    in_sum: dict[str, float] = {}
+    for (src, dst), value in flows.items():
+        out_sum[src] = out_sum.get(src, 0.0) + value
+        in_sum[dst] = in_sum.get(dst, 0.0) + value
+
+    def boundary(src: str) -> int:
+        return 0 if src == SOURCE else placement[src][1]
+
+    by_boundary: dict[int, list[tuple[str, str]]] = {}
+    for src, dst in capacity:
+        if out_sum.get(src, 0.0) > 0 and in_sum.get(dst, 0.0) > 0:
+            by_boundary.setdefault(boundary(src), []).append((src, dst))
+    mixed = dict(flows)
+    for pairs in by_boundary.values():
+        fitted = _fit(pairs, out_sum, in_sum)
+        if fitted is None or any(v > capacity[e] for e, v in fitted.items()):
+            continue
+        for e in [e for e in mixed if e in capacity and boundary(e[0]) == boundary(pairs[0][0])]:
+            del mixed[e]
+        mixed.update(fitted)
+    return mixed
+
+
+#: iterative proportional fitting: rounds, and the relative error of the row sums at which it stops
+_FIT_ROUNDS = 500
+_FIT_TOLERANCE = 1e-12
+
+
+def _fit(
+    pairs: list[tuple[str, str]], rows: dict[str, float], cols: dict[str, float]
+) -> dict[tuple[str, str], float] | None:
+    """Edge values on `pairs` with row sums `rows` and column sums `cols` (maximum entropy), or
+    None if the fitting does not converge (the support cannot meet the sums with all-positive
+    values)."""
+    value = dict.fromkeys(pairs, 1.0)
+    for _ in range(_FIT_ROUNDS):
+        for sums, side in ((rows, 0), (cols, 1)):
+            total: dict[str, float] = {}
+            for e, v in value.items():
+                total[e[side]] = total.get(e[side], 0.0) + v
+            for e in value:
+                value[e] *= sums[e[side]] / total[e[side]]
+        # Columns are exact after their scaling; stop once the rows are too.
+        row_total: dict[str, float] = {}
+        for e, v in value.items():
+            row_total[e[0]] = row_total.get(e[0], 0.0) + v
+        if all(abs(row_total.get(u, 0.0) - rows[u]) <= _FIT_TOLERANCE * rows[u] for u in row_total):
+            return value
+    return None
 
 
 def _solve(model):
