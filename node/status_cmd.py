@@ -35,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="first wait up to S seconds until every node in the plan serves its layers "
         "(exit 1 if it does not happen); for scripts that generate next",
     )
+    p.add_argument(
+        "--min-nodes",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="with --wait-s: also wait until the plan places at least N nodes (after starting one more)",
+    )
     p.set_defaults(func=run)
 
 
@@ -96,12 +103,12 @@ async def read_status(args: argparse.Namespace) -> dict:
                 while True:
                     records, plans = await dht.read()
                     doc = swarm_status(records, [p.record for p in plans], time.time(), args.model_id)
-                    served, account = plan_served(doc)
+                    served, account = plan_served(doc, args.min_nodes)
                     if args.wait_s <= 0 or served:
                         return doc
                     if time.monotonic() >= deadline:
                         raise StatusWaitTimeout(
-                            f"not every planned node was serving after {args.wait_s:g} s ({account})", doc
+                            f"the plan was not served as asked after {args.wait_s:g} s ({account})", doc
                         )
                     print(f"waiting: {account}", file=sys.stderr, flush=True)
                     await asyncio.sleep(1.0)
@@ -113,6 +120,16 @@ async def read_status(args: argparse.Namespace) -> dict:
                 raise
             print(f"waiting: {e}", file=sys.stderr, flush=True)
             await asyncio.sleep(2.0)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
 
 
 class StatusWaitTimeout(Exception):

@@ -60,3 +60,6 @@ def test_plan_served_waits_for_every_planned_node_to_serve_its_own_layers():
     done = {"nodes": [node("A", "serving", [0, 2]), node("B", "serving", [2, 4]), node("C", "standby", None)], "plan": plan}
     assert plan_served(done) == (True, "plan epoch 3: 2/2 planned node(s) serving")
     assert plan_served({"nodes": [], "plan": {"epoch": 1, "placement": {}}})[0] is False
+    # a script that started a third node waits for the plan that places it
+    assert plan_served(done, min_nodes=2)[0] is True
+    assert plan_served(done, min_nodes=3) == (False, "plan epoch 3 places 2 node(s), waiting for 3 (3 live)")

@@ -67,12 +67,19 @@ def swarm_status(
     }
 
 
-def plan_served(doc: Mapping[str, Any]) -> tuple[bool, str]:
+def plan_served(doc: Mapping[str, Any], min_nodes: int = 0) -> tuple[bool, str]:
     """Whether every node the current plan gives layers serves exactly those layers now (what a
-    script waits for before its first request), with a one-line account of where it stands."""
+    script waits for before its first request), and the plan places at least `min_nodes` nodes (a
+    script that just started one more node waits for the plan that includes it), with a one-line
+    account of where it stands."""
     plan = doc["plan"]
     if plan is None:
         return False, f"{len(doc['nodes'])} live node(s), no plan yet"
+    if len(plan["placement"]) < min_nodes:
+        return False, (
+            f"plan epoch {plan['epoch']} places {len(plan['placement'])} node(s), waiting for {min_nodes} "
+            f"({len(doc['nodes'])} live)"
+        )
     nodes = {n["peer_id"]: n for n in doc["nodes"]}
     serving = [
         peer
