@@ -396,7 +396,11 @@ def format_plan(snapshot: Any) -> str:
     elif bound - plan.objective_tokens_per_s <= 1e-6 * max(1.0, bound):
         verdict = f"bound {bound:.1f}: proven optimal"
     else:
-        verdict = f"bound {bound:.1f} (gap {100 * (bound - plan.objective_tokens_per_s) / bound:.1f}%)"
+        # The planner may give flow up for a shallower pipeline (planner/servable.py), or stop short.
+        verdict = (
+            f"bound {bound:.1f} (gap {100 * (bound - plan.objective_tokens_per_s) / bound:.1f}%: flow given "
+            "up for fewer hops, or not proven)"
+        )
     lines.append(f"max flow {plan.objective_tokens_per_s:.1f} tokens/s, {verdict}")
     lines.append(
         "  (the pretend GPUs' figures, from the Helix paper's LLaMA-30B profiles; this machine's CPU "
