@@ -124,7 +124,7 @@ def test_plan_and_simulate_commands_run_as_written(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_swarm_story_runs_as_written(tmp_path):
-    """Make a model, host a bootstrap, join two nodes, wait, generate through the CLI, the library
+    """Make a model, host a bootstrap, join two nodes and one behind a "NAT", wait, generate through the CLI, the library
     and the OpenAI gateway, read the status page and metrics, stop; then a private swarm, in which
     a keyless command is refused; then profile the machine."""
     done = run_story("story", tmp_path, timeout_s=840)
@@ -133,6 +133,8 @@ def test_swarm_story_runs_as_written(tmp_path):
     assert "wrote a random llama model" in out
     assert out.count("/ip4/127.0.0.1/tcp/31337/p2p/") >= 1
     assert re.search(r"plan: epoch \d+ by", out), "helix status shows the plan"
+    assert "reachable through the bootstrap's relay" in out and "/p2p-circuit/p2p/" in out, "doctor --no-listen"
+    assert re.search(r"^carol\s.*\[\d+, \d+\).*\brelay\b", out, re.MULTILINE), "carol serves layers, via the relay"
     assert '"object": "text_completion"' in out or '"object":"text_completion"' in out
     assert '"nodes"' in out  # /api/state
     assert re.search(r"^helix_\w+", out, re.MULTILINE), "a node's Prometheus metrics"

@@ -13,8 +13,9 @@ or local swarm; and its `Multiaddr` writes `/p2p/` as a CIDv1, which p2pd's CONN
 the reservation is the relay protocol's own RESERVE message on a stream to the relay, and the
 circuit address is encoded here in the binary form p2pd reads.
 
-The relay grants limits in its reservation: p2pd's relay service keeps libp2p's defaults (about
-128 KiB each way and 2 minutes per relayed connection). Past them the relay resets the
+The relay grants limits in its reservation: a plain hivemind 1.1.12 peer keeps libp2p's defaults
+(128 KiB each way and 2 minutes per relayed connection); helix-bootstrap, which forces public
+reachability, was seen granting 4 GiB and 30 minutes. Past them the relay resets the
 connection; the next call redials through the relay, and a call cut mid-way fails like any lost
 peer (the client replays elsewhere). A relayed link is slow and short-lived by design, which is
 the cost probes over it measure and the plan then sees."""
