@@ -115,17 +115,7 @@ def stage_placement_at(cluster: Cluster, nodes: list[NodeSpec], target_tokens_pe
     stages = _stages_for(cluster, nodes, target_tokens_per_s)
     if sum(k for k, _ in stages) < num_layers:
         return {}
-    placement: Placement = {}
-    start = 0
-    # Longest stages first; the last one is cut to end at the last layer (fewer layers, faster).
-    for k, members in sorted(stages, key=lambda s: -s[0]):
-        if start >= num_layers:
-            break
-        end = min(num_layers, start + k)
-        for node in members:
-            placement[node.id] = (start, end)
-        start = end
-    return placement
+    return _lay_out(stages, num_layers)
 
 
 def _stages_for(cluster: Cluster, nodes: list[NodeSpec], target: float) -> list[tuple[int, list[NodeSpec]]]:
@@ -209,6 +199,12 @@ def shallow_stage_placement(cluster: Cluster, nodes: list[NodeSpec], target_toke
         for i, node in enumerate(group):
             own[i % j][1].append(node)
         stages += own
+    return _lay_out(stages, num_layers)
+
+
+def _lay_out(stages: list[tuple[int, list[NodeSpec]]], num_layers: int) -> Placement:
+    """Stages of (layers, members) one after another from layer 0, longest first; the last one is
+    cut to end at the last layer (fewer layers, faster)."""
     placement: Placement = {}
     start = 0
     for k, members in sorted(stages, key=lambda s: -s[0]):
