@@ -135,3 +135,16 @@ def test_a_boundary_whose_proportional_split_breaks_a_link_keeps_the_lp_split() 
     assert_plan_consistent(cluster, after)  # includes every link's capacity
     assert after.objective_tokens_per_s == 1200.0
     assert {(f.src, f.dst): f.tokens_per_s for f in after.flows}.get(("p", "s"), 0.0) <= 100.0 + 1e-9
+
+
+def test_twins_between_a_lone_least_used_node_and_a_lone_bottleneck_share_evenly() -> None:
+    # a (A100, 1200) is the least-used node at 240 / 1200 = 0.2 and z (T4, 240) the bottleneck at 1:
+    # LPs 1 and 2 then only ask each T4 twin for >= 0.2 * 240 = 48, and LP 3 evens them out.
+    a, p, q, z = node("a", A100), node("p", T4), node("q", T4), node("z", T4)
+    cluster = make_cluster([a, p, q, z], num_layers=3)
+    placement = {a.id: (0, 1), p.id: (1, 2), q.id: (1, 2), z.id: (2, 3)}
+    after = spread_plan(cluster, plan_from_placement(cluster, placement, method="t", solve_seconds=0.0))
+    assert_plan_consistent(cluster, after)
+    flows = through(after)
+    assert flows["p"] == pytest.approx(120.0, abs=240 / 20)
+    assert flows["q"] == pytest.approx(120.0, abs=240 / 20)
