@@ -62,7 +62,18 @@ class DemoError(HelixError):
 
 
 class Interrupted(Exception):
-    """SIGTERM or SIGHUP: stop like on Ctrl-C."""
+    """SIGINT, SIGTERM or SIGHUP: stop every process."""
+
+
+#: signals received during this run. The handler raises, but an exception raised while the main
+#: thread runs a finalizer or a callback is swallowed ("Exception ignored in ..."), and CI once saw
+#: a Ctrl-C vanish that way; the demo also checks this list between its steps.
+_SIGNALLED: list[str] = []
+
+
+def raise_if_signalled() -> None:
+    if _SIGNALLED:
+        raise Interrupted(_SIGNALLED[0])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -151,6 +162,7 @@ class Children:
         return child
 
     def check_alive(self) -> None:
+        raise_if_signalled()
         for child in self.children:
             if not child.alive():
                 raise DemoError(
@@ -415,6 +427,7 @@ def run_generations(client: Any, prompts: Sequence[str], max_new_tokens: int) ->
     seconds = 0.0
     print("generating (a random tiny model: the words are noise, the tokens/s are real):", flush=True)
     for prompt in prompts:
+        raise_if_signalled()
         result = client.generate(prompt, max_new_tokens=max_new_tokens)
         route = " -> ".join(
             f"{names.get(h['peer_id'], h['peer_id'])}[{h['start']},{h['end']})" for h in result.route
@@ -467,7 +480,8 @@ def run(args: argparse.Namespace) -> int:
     ok = False
     serving_until_stopped = False  # --keep-running: then Ctrl-C is the normal way out
     interrupted = False
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    _SIGNALLED.clear()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         boot_argv = [
             *python_module("helix_p2p.bootstrap"),
@@ -505,6 +519,7 @@ def run(args: argparse.Namespace) -> int:
 
         client = HelixClient(maddrs, str(model), swarm=SWARM, options=ClientOptions(refresh_s=0.5))
         wait_until_ready(client, children, client.model_id, len(gpus), args.timeout_s)
+        raise_if_signalled()
         print(format_plan(client.snapshot()), flush=True)
         run_generations(client, PROMPTS, args.max_new_tokens)
         if args.keep_running:
@@ -514,6 +529,7 @@ def run(args: argparse.Namespace) -> int:
             while True:
                 children.check_alive()
                 time.sleep(1)
+        raise_if_signalled()
         ok = True
         return 0
     except (KeyboardInterrupt, Interrupted):
@@ -546,4 +562,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    _SIGNALLED.append(signal.Signals(signum).name)
     raise Interrupted(signal.Signals(signum).name)

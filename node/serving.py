@@ -291,6 +291,25 @@ class _Batcher:
         return [o for o in outcomes if o is not None]
 
 
+#: how long a refused stream is kept half-open for the caller to read its refusal
+LINGER_S = 0.5
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After refusing a frame whose body was not read (an oversized header, a busy peer): end our
+    side and read, briefly, what the caller is still sending. Closing a stream with unread bytes
+    can reset it before the caller has read the refusal (a fuzz test saw the reply lost), which
+    would turn a clear error into a silent hang-up. Bounded by LINGER_S."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            while await reader.read(1 << 16):
+                pass
+    except (TimeoutError, OSError):
+        pass
+
+
 class DataPlane:
     def __init__(
         self,
@@ -389,6 +408,7 @@ class DataPlane:
     ) -> None:
         peer = stream_info.peer_id.to_base58()
         with closing(writer), _InFlight(self.quota, peer, self.peer_id) as in_flight:
+            refused = True
             try:
                 async with asyncio.timeout(self.limits.hop_timeout_s):
                     data = await read_frame(
@@ -399,14 +419,18 @@ class DataPlane:
                 logger.info("refused a stream from %s: %s", peer, e)
                 reply_bytes = encode_reply(Failure.of(e, self.peer_id))
             except (MalformedMessageError, SwarmAuthError) as e:
+                logger.info("refused a stream from %s: %s", peer, e)
                 reply_bytes = encode_reply(Failure.of(MalformedMessageError(str(e)), self.peer_id))
             except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
                 logger.info("a stream from %s ended before its request was read: %s", peer, type(e).__name__)
                 return
             else:
+                refused = False
                 reply_bytes = seal_reply(self.p2p, STREAM_PROTOCOL, peer, await self._answer(data, peer))
             try:
                 await write_frame(writer, reply_bytes)
+                if refused:
+                    await _linger(reader, writer)
             except ConnectionError:
                 logger.info("peer %s hung up before its reply", peer)
 

@@ -175,7 +175,9 @@ def test_layers_move_make_before_break(tiny_model):
         assert host.free_kv_tokens() > 0
         await settle((4, 8))
         assert host.handle.holds_head
-        # the old range served until the new one was loaded, and was dropped only then
+        # the old range is released on a worker thread after the switch: wait for it, then check
+        # that it served until the new one was loaded, and was dropped only then
+        await until(lambda: "release 0-4" in loader.events, "the old layers released")
         assert loader.events == [
             "load 0-4 begins",
             "load 0-4 done",
@@ -185,7 +187,8 @@ def test_layers_move_make_before_break(tiny_model):
         ]
         assert ((0, 4), (4, 8)) in changes  # serving [0,4) while loading [4,8)
         await settle(None)
-        assert host.handle is None and loader.events[-1] == "release 4-8"
+        await until(lambda: loader.events[-1] == "release 4-8", "the last layers released")
+        assert host.handle is None
         runner.cancel()
 
     asyncio.run(scenario())
