@@ -181,6 +181,8 @@ class HelixClient:
         self._thread.start()
         self._identity = ephemeral_identity()
         self._refresher: asyncio.Task | None = None
+        #: session closes still on their way (awaited by close())
+        self._closing: set[asyncio.Future] = set()
         try:
             net = NetworkOptions(
                 host=self.options.host,
@@ -287,6 +289,10 @@ class HelixClient:
     async def _shutdown(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        if self._closing:
+            # Sessions' closes go out before the connection does: a session left open holds KV on
+            # every hop until it idles out, and holds up a node that is leaving for its grace period.
+            await asyncio.wait(set(self._closing), timeout=5.0)
         await self.dht.shutdown()
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in others:
@@ -586,7 +592,9 @@ class HelixClient:
             except HelixError as e:  # the hop is gone; its KV goes when it idles out
                 logger.debug("closing session %s: %s", session.session_id, e)
 
-        asyncio.ensure_future(close())
+        task = asyncio.ensure_future(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     # ------------------------------------------------------------------------------ public API
 
