@@ -438,9 +438,11 @@ def test_cluster_that_cannot_hold_the_model_is_a_plan_error() -> None:
 def test_time_limit_respected_on_500_nodes() -> None:
     cluster = synthetic_cluster(SyntheticSpec(500, 8, seed=1))
     started = time.monotonic()
-    result = plan(cluster, PlanOptions(method="milp", time_limit_s=20))
+    # 8 s, not more: the test is about the limit holding (the plan's quality at 500 nodes is
+    # benchmarks/planner.py's business), and the suite's time is short
+    result = plan(cluster, PlanOptions(method="milp", time_limit_s=8))
     wall_s = time.monotonic() - started
-    assert wall_s <= 25.0, wall_s
+    assert wall_s <= 13.0, wall_s
     assert_valid_milp_plan(cluster, result)
     assert result.objective_tokens_per_s > 0
     assert result.upper_bound_tokens_per_s is not None
